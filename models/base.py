@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,13 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
-def _no_condition(n: int, generator: torch.Generator | None = None, device: Any = None) -> tuple[Any, Any]:
+def index_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """Generator of sample ``index``: what it draws depends on (seed, index, stream) only."""
+    return torch.Generator().manual_seed(((int(seed) & 0xFFFFFF) << 40) | ((stream & 0xFF) << 32)
+                                         | (int(index) & 0xFFFFFFFF))
+
+
+def _no_condition(indices: Sequence[int], seed: int = 0, device: Any = None) -> tuple[Any, Any]:
     return None, None
 
 
@@ -32,8 +38,8 @@ class Model:
     - ``schedule``: the noise schedule; ``prior`` turns unit noise into ``x_T``.
     - ``latent_shape``: C, H, W of the state the solvers integrate.
     - ``decode(latent) -> image in [-1, 1]`` (identity for pixel models).
-    - ``conditions(n, generator, device) -> (cond, uc)`` for n samples (None, None when
-      unconditional).
+    - ``conditions(indices, seed, device) -> (cond, uc)``, one row per sample index, drawn
+      from the index alone (None, None when unconditional).
     - ``time_mode``: 'lambda' (pixel/EDM) or 'time' (latent) parameterization of LD3.
     - ``net``: the underlying ``nn.Module`` if any (for checkpointing, device moves).
     """
@@ -74,10 +80,10 @@ def edm_model(name: str, denoiser: nn.Module, img_shape: tuple[int, int, int], l
     """Wrap an EDM denoiser ``D(x, sigma, class_labels)`` as a ``Model`` on the VE schedule."""
     wrapper = EDMNoise(denoiser, label_dim)
 
-    def conditions(n: int, generator: torch.Generator | None = None, device: Any = None):
+    def conditions(indices: Sequence[int], seed: int = 0, device: Any = None):
         if not label_dim:
             return None, None
-        idx = torch.randint(label_dim, (n,), generator=generator)
+        idx = [int(torch.randint(label_dim, (1,), generator=index_generator(seed, i, stream=1))) for i in indices]
         return torch.eye(label_dim)[idx].to(device), None
 
     return Model(name=name, noise_fn=wrapper, schedule=VESchedule(sigma_min, sigma_max),

@@ -1,0 +1,86 @@
+"""Files: atomic writes (temporary name + rename), safe loading, device and thread choice."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ld3.config import UserError
+
+log = logging.getLogger("ld3")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_figure(fig, path: Path, **kw) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kw)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def safe_load(path: Path, what: str = "file") -> Any:
+    """torch.load with weights_only=True (no code runs); a bad file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"{what} {path} is not a valid torch file ({type(e).__name__}); regenerate it") from None
+
+
+def pick_device(name: str | None) -> torch.device:
+    """cuda when available (respecting CUDA_VISIBLE_DEVICES), else cpu; ``name`` overrides."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name} requested but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {name} does not exist ({torch.cuda.device_count()} visible); "
+                            "pick another index or --device cpu")
+    elif dev.type not in ("cpu", "mps"):
+        raise UserError(f"unsupported device {name!r}; use cpu or cuda")
+    return dev
+
+
+def set_threads(threads: int | None, small_model: bool) -> int:
+    """Choose torch CPU threads. Small networks are faster on one thread (measured on 2 cores)."""
+    if threads is None:
+        threads = 1 if small_model else max(1, os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(threads)))
+    return torch.get_num_threads()

@@ -66,8 +66,8 @@ OPTIONS: dict[str, Opt] = {
     "scale": Opt(float, 1.0, "classifier-free guidance scale"),
     "num_prompts": Opt(int, 5, "Stable Diffusion: number of prompts read from prompt_path"),
     "prompt_path": Opt(_none_or(str), None, "Stable Diffusion: MS-COCO captions json"),
-    "time_mode": Opt(str, "lambda", "LD3 parameterization: lambda (pixel/EDM) or time (latent)",
-                     ("lambda", "time")),
+    "time_mode": Opt(str, "auto", "LD3 parameterization: lambda (pixel/EDM), time (latent), auto (the model's)",
+                     ("auto", "lambda", "time")),
     "device": Opt(_none_or(str), None, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
     "low_gpu": Opt(str2bool, False, "activation checkpointing of each network call to save memory"),
     "threads": Opt(_none_or(int), None, "torch CPU threads (default: chosen for the model size) (ours)"),
@@ -118,6 +118,8 @@ OPTIONS: dict[str, Opt] = {
     "valid_every": Opt(int, 1, "validate after every k optimizer steps (ours)"),
     "visualize": Opt(str2bool, True, "write plots into the run folder"),
     "resume": Opt(str2bool, False, "continue a stopped run from its last state (ours)"),
+    "sampling_seed": Opt(_none_or(int), None, "seed of fresh evaluation noise (default seed + 12345) (ours)"),
+    "gmm_components": Opt(int, 40, "number of mixture components of the digits GMM (ours)"),
     "eval_fresh": Opt(int, 0, "after training, compare with baselines on this many fresh noises (ours)"),
 }
 

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Learn a discretization (LD3): the few times at which the student solver should call the network.
+
+    python3 main.py --all_config configs/digits.yml \
+        --data_dir train_data/digits/uni_pc_NFE20_edm_seed0 --num_train 50 --num_valid 50 \
+        --main_train_batch_size 1 --main_valid_batch_size 10 \
+        --training_rounds_v1 2 --training_rounds_v2 5 --log_path logs/digits
+
+Writes ``{log_path}/{solver}-N{steps}-b{bound}-{loss}-lr2{lr2}rv1{v1}-rv2{v2}-seed{seed}/`` with
+config.yml, log.txt, best_v1.pt, best_v2.pt, history.json, schedule.png and curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging  # noqa: E402
+from ld3.data import load_samples  # noqa: E402
+from ld3.discretization import LearnedDiscretization, checkpoint_dict  # noqa: E402
+from ld3.io import atomic_torch_save, atomic_write_text, safe_load  # noqa: E402
+from ld3.losses import make_distance  # noqa: E402
+from ld3.runtime import (check_positive, check_solver_options, derived_hparams, gits_prior,  # noqa: E402
+                         run_name, setup_device_and_model, time_mode)
+from ld3.student import Rollout, SolverSpec  # noqa: E402
+from ld3.trainer import LD3Trainer, NumericalError, save_history, train_config_from  # noqa: E402
+
+log = logging.getLogger("ld3")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    setup_logging()
+    cfg = parse_config(argv, description=__doc__.split("\n")[0])
+    check_positive(cfg, "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size")
+    steps = check_solver_options(cfg)
+    nfe = int(cfg["steps"])
+    if cfg["loss_type"] not in ("LPIPS", "L2", "L1"):
+        raise UserError(f"unknown loss_type {cfg['loss_type']!r}; choose LPIPS, L2 or L1")
+    device, model = setup_device_and_model(cfg)
+    bound, shift_lr, lr2 = derived_hparams(cfg, model.latent_shape, nfe)
+    run_dir = Path(cfg["log_path"]) / run_name(cfg, bound, lr2)
+    if (run_dir / "result.json").is_file() and (run_dir / "best_v2.pt").is_file() and not cfg.get("resume"):
+        log.info("%s already records a finished training: skipping (delete the folder to train again)", run_dir)
+        return run_dir
+
+    img_shape = tuple(model.info.get("img_shape", model.latent_shape))
+    n_train, n_valid = int(cfg["num_train"]), int(cfg["num_valid"])
+    data = load_samples(Path(cfg["data_dir"]), n_train + n_valid, model.latent_shape, img_shape)
+    distance = make_distance(cfg["loss_type"], device, int(cfg.get("lpips_size") or 224))
+
+    state_file = run_dir / "last_state.pt"
+    if cfg.get("resume") and not state_file.is_file():
+        raise UserError(f"--resume: no saved state in {run_dir}; run without --resume to start it")
+    if run_dir.exists() and not cfg.get("resume") and any(run_dir.glob("best_v*.pt")):
+        log.warning("%s holds an unfinished run; starting again (use --resume to continue it)", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "log.txt")
+    save_config({**cfg, "bound": bound, "shift_lr": shift_lr, "lr_time_2_resolved": lr2, "S": steps,
+                 "time_mode": time_mode(cfg, model)}, run_dir / "config.yml")
+    log.info("run %s: %s, NFE %d (%d steps), bound %.8g, shift_lr %.8g, lr_time_2 %.8g", run_dir.name,
+             cfg["solver_name"], nfe, steps, bound, shift_lr, lr2)
+
+    disc = LearnedDiscretization(model.schedule, steps, time_mode(cfg, model), float(cfg["win_rate"])).to(device)
+    if cfg.get("match_prior"):
+        err = disc.fit_to(gits_prior(cfg, model, steps).to(device))
+        log.info("params1 fitted to the prior schedule (max error %.3g in the learning variable)", err)
+    rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=bool(cfg["low_gpu"]))
+
+    def student(z, t, tp, c, uc):
+        return rollout(z, t, tp, c, uc)
+
+    def on_phase_end(phase: int, tr: LD3Trainer) -> None:
+        if phase == 1 and tr.best_v1 is not None:
+            atomic_torch_save(tr.best_v1, run_dir / "best_v1.pt")
+        atomic_torch_save(checkpoint_dict(tr.disc), run_dir / "best_v2.pt")
+        if cfg["visualize"]:
+            from ld3.plots import plot_curves, plot_schedule
+
+            with torch.no_grad():
+                t, tp = tr.disc()
+            plot_schedule(model.schedule, t.cpu(), tp.cpu(), run_dir / "schedule.png",
+                          f"{cfg['solver_name']} NFE {nfe}: learned vs baselines")
+            plot_curves(tr.history, run_dir / "curves.png")
+        save_history(tr.history, run_dir / "history.json")
+
+    trainer = LD3Trainer(disc, student, distance, data.subset(slice(0, n_train)),
+                         data.subset(slice(n_train, n_train + n_valid)),
+                         train_config_from(cfg, steps, bound, shift_lr, lr2), run_dir, device,
+                         on_phase_end=on_phase_end, count_calls=lambda: rollout.fn.calls)
+    if cfg.get("resume"):
+        trainer.load_state_dict(safe_load(state_file, "saved state"))
+        log.info("resuming after round %d (step %d)", trainer.round, trainer.step)
+
+    def save_state(tr: LD3Trainer) -> None:
+        atomic_torch_save(tr.state_dict(), state_file)
+
+    try:
+        result = trainer.run(save_state)
+    except NumericalError as e:
+        save_history(trainer.history, run_dir / "history.json")
+        raise UserError(str(e)) from None
+    atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
+    with torch.no_grad():
+        t, tp = disc()
+    summary = {"best_valid_loss": result.best_loss, "best_v1_valid_loss": result.best_v1_loss,
+               "optimizer_steps": result.steps, "stopped_early": result.stopped_early,
+               "nfe_per_sample": {k: v / n_train if k != "validation" else v / n_valid for k, v in result.nfe.items()},
+               "t": t.tolist(), "t_prime": tp.tolist(), "lambda": model.schedule.lambda_(t.double().cpu()).tolist()}
+    atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=1))
+    log.info("training finished: best validation loss %.6g after %d steps; times %s", result.best_loss,
+             result.steps, ", ".join(f"{v:.4g}" for v in t.tolist()))
+    if int(cfg.get("eval_fresh") or 0) > 0:
+        from ld3.evaluate import compare_with_baselines
+
+        compare_with_baselines(cfg, model, device, {"LD3": (t, tp)}, int(cfg["eval_fresh"]), distance,
+                               out_dir=run_dir)
+    return run_dir
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,9 +21,12 @@ def _identity(x: Tensor) -> Tensor:
 
 
 def index_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
-    """Generator of sample ``index``: what it draws depends on (seed, index, stream) only."""
-    return torch.Generator().manual_seed(((int(seed) & 0xFFFFFF) << 40) | ((stream & 0xFF) << 32)
-                                         | (int(index) & 0xFFFFFFFF))
+    """Generator of sample ``index``: what it draws depends on (seed, index, stream) only.
+
+    torch's CPU generator keeps only 32 bits of its seed, so the triple is hashed to 32 bits.
+    """
+    digest = hashlib.blake2b(f"ld3:{int(seed)}:{int(stream)}:{int(index)}".encode(), digest_size=4).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def _no_condition(indices: Sequence[int], seed: int = 0, device: Any = None) -> tuple[Any, Any]:

@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> Path:
     steps = check_solver_options(cfg)
     device, model = setup_device_and_model(cfg)
     nfe = int(cfg["steps"])
+    if cfg.get("learn") and not cfg.get("load_from"):
+        from ld3.runtime import derived_hparams, run_name
+
+        bound, _, lr2 = derived_hparams(cfg, model.latent_shape, nfe)
+        cfg["load_from"] = str(Path(cfg["log_path"]) / run_name(cfg, bound, lr2) / "best_v2.pt")
+        log.info("--learn: sampling with %s", cfg["load_from"])
     if cfg.get("load_from"):
         t, tp = load_times(cfg["load_from"], model)
         steps = t.numel() - 1

@@ -29,8 +29,12 @@ from samplers.schedules import NoiseSchedule
 
 
 # --------------------------------------------------------------------------- helpers
-class _Grid:
-    """alpha, sigma, lambda at every t_i, and the network call at t'_i (counted)."""
+class Grid:
+    """alpha, sigma, lambda at every t_i, and the network call at t'_i.
+
+    The one-step update functions (``*_step``) take a ``Grid`` so that a test can start a single
+    update from any state and history; the solvers are loops over them.
+    """
 
     def __init__(self, model_fn, schedule: NoiseSchedule, x: Tensor, t: Tensor, t_prime: Tensor | None,
                  cond: Any, uc: Any):
@@ -85,32 +89,73 @@ def euler(model_fn, schedule, x, t, t_prime=None, *, order=1, cond=None, uc=None
     f = d log alpha / dt, g = d sigma / dt - sigma f   (for VE: dx/dsigma = eps).
     NFE = S.
     """
-    g_ = _Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
     for i in range(g_.steps):
         x = x + (g_.t[i + 1] - g_.t[i]) * g_.drift(x, g_.eps(x, i), i)
     return x
 
 
+def heun_step(g: Grid, x: Tensor, i: int, final: bool = False) -> Tensor:
+    """One Heun step from x_i at t_i to t_{i+1} (plain Euler when ``final``); 2 network calls, 1 if final.
+
+    In Karras et al.'s variables y = x / alpha, s = sigma / alpha (EDM noise level), dy/ds = eps:
+      y~ = y_i + (s_{i+1} - s_i) eps(x_i, t'_i)
+      y_{i+1} = y_i + (s_{i+1} - s_i) (eps(x_i, t'_i) + eps(alpha_{i+1} y~, t'_{i+1})) / 2.
+    """
+    a = g.alpha
+    ds = g.sigma[i + 1] / a[i + 1] - g.sigma[i] / a[i]
+    y = x / a[i]
+    d = g.eps(x, i)
+    y_euler = y + ds * d
+    if final:
+        return a[i + 1] * y_euler
+    d2 = g.eps(a[i + 1] * y_euler, i + 1)
+    return a[i + 1] * (y + ds * 0.5 * (d + d2))
+
+
 def heun(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None, **_):
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step is plain Euler.
 
-    d_i = F(x_i, t_i); x~ = x_i + h d_i; x_{i+1} = x_i + h (d_i + F(x~, t_{i+1})) / 2,
-    with F(x, t) = f(t) x + g(t) eps(x, t') and h = t_{i+1} - t_i. NFE = 2S - 1.
+    Integrates dy/ds = eps(alpha y, t) in y = x / alpha and the EDM noise level s = sigma / alpha
+    (for VE: y = x, s = t = sigma, exactly Karras et al.'s sampler):
+      d_i = eps(x_i, t'_i); y~ = y_i + (s_{i+1} - s_i) d_i;
+      y_{i+1} = y_i + (s_{i+1} - s_i) (d_i + eps(alpha_{i+1} y~, t'_{i+1})) / 2.
+    Not in the schedule's time t: for ``vp_discrete`` (piecewise-linear log alpha in t) the ODE in t
+    has kinks at every training step and Heun in t is not second order there. NFE = 2S - 1.
     """
-    g_ = _Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
     for i in range(g_.steps):
-        h = g_.t[i + 1] - g_.t[i]
-        d = g_.drift(x, g_.eps(x, i), i)
-        x_euler = x + h * d
-        if i == g_.steps - 1:
-            x = x_euler
-        else:
-            d2 = g_.drift(x_euler, g_.eps(x_euler, i + 1), i + 1)
-            x = x + h * 0.5 * (d + d2)
+        x = heun_step(g_, x, i, final=i == g_.steps - 1)
     return x
 
 
 # --------------------------------------------------------------------------- DPM-Solver++ (multistep)
+def dpm_solver_pp_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int) -> Tensor:
+    """One DPM-Solver++ update of order k from x_i at t_i to t_{i+1}.
+
+    ``ms`` ends with the data predictions ..., m_{i-1}, m_i (at least k of them). No network call.
+    """
+    lam = g.lam
+    h = lam[i + 1] - lam[i]
+    phi_1 = torch.expm1(-h)
+    x_new = (g.sigma[i + 1] / g.sigma[i]) * x - g.alpha[i + 1] * phi_1 * ms[-1]
+    if k == 2:
+        r0 = (lam[i] - lam[i - 1]) / h
+        d1 = (ms[-1] - ms[-2]) / r0
+        x_new = x_new - 0.5 * g.alpha[i + 1] * phi_1 * d1
+    elif k == 3:
+        r0 = (lam[i] - lam[i - 1]) / h
+        r1 = (lam[i - 1] - lam[i - 2]) / h
+        d1_0 = (ms[-1] - ms[-2]) / r0
+        d1_1 = (ms[-2] - ms[-3]) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 m''; the reference code lacks the 2 (see docstring)
+        phi_2 = phi_1 / h + 1.0
+        phi_3 = phi_2 / h - 0.5
+        x_new = x_new + g.alpha[i + 1] * phi_2 * d1 - g.alpha[i + 1] * phi_3 * d2
+    return x_new
+
+
 def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None,
                   lower_order_final=True, **_):
     """DPM-Solver++ multistep (1M/2M/3M), data prediction, exponential integrator.
@@ -121,35 +166,22 @@ def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None,
       order 3: x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} phi_1 m_i + alpha_{i+1} phi_2 D1
                - alpha_{i+1} phi_3 D2, phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2,
                D1_0 = (m_i - m_{i-1})/r0, D1_1 = (m_{i-1} - m_{i-2})/r1,
-               D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0 + r1).
+               D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) ~ h m',  D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 m''.
+    (The term alpha phi_3 D2 integrates m'' tau^2 / 2 and needs D2 ~ h^2 m''. DPM-Solver's reference
+    code (and code copied from it) uses D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 m'' / 2, which leaves a
+    local error -h^3 m'' / 12: its 3M step is only locally third order, globally second. With the
+    factor 2 the step is the exponential integrator of the quadratic through m_{i-2}, m_{i-1}, m_i,
+    locally O(h^4) (tests/test_solvers.py::test_local_order).)
     NFE = S.
     """
     if not 1 <= order <= 3:
         raise ValueError(f"dpm_solver++ supports orders 1-3, got {order}")
-    g_ = _Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
     ms: list[Tensor] = []
     for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
         ms.append(g_.x0(x, g_.eps(x, i), i))
         ms = ms[-3:]
-        lam = g_.lam
-        h = lam[i + 1] - lam[i]
-        phi_1 = torch.expm1(-h)
-        x_new = (g_.sigma[i + 1] / g_.sigma[i]) * x - g_.alpha[i + 1] * phi_1 * ms[-1]
-        if k == 2:
-            r0 = (lam[i] - lam[i - 1]) / h
-            d1 = (ms[-1] - ms[-2]) / r0
-            x_new = x_new - 0.5 * g_.alpha[i + 1] * phi_1 * d1
-        elif k == 3:
-            r0 = (lam[i] - lam[i - 1]) / h
-            r1 = (lam[i - 1] - lam[i - 2]) / h
-            d1_0 = (ms[-1] - ms[-2]) / r0
-            d1_1 = (ms[-2] - ms[-3]) / r1
-            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            phi_2 = phi_1 / h + 1.0
-            phi_3 = phi_2 / h - 0.5
-            x_new = x_new + g_.alpha[i + 1] * phi_2 * d1 - g_.alpha[i + 1] * phi_3 * d2
-        x = x_new
+        x = dpm_solver_pp_step(g_, x, ms, i, k)
     return x
 
 
@@ -174,6 +206,34 @@ def _unipc_coefficients(rks: Tensor, h: Tensor, variant: str) -> tuple[Tensor, T
     return torch.stack(rows), torch.stack(bs), b_h
 
 
+def uni_pc_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int, variant: str = "bh2",
+                corrector: bool = True) -> tuple[Tensor, Tensor | None]:
+    """One UniPC update of order k from x_i at t_i to t_{i+1}; ``ms`` ends with ..., m_{i-1}, m_i.
+
+    With ``corrector``: one network call at the predicted x_{i+1}; returns the corrected x_{i+1}
+    and m_{i+1} = x0(x_pred, t'_{i+1}) (the next step's history). Without: (x_pred, None), no call.
+    """
+    lam = g.lam
+    h = lam[i + 1] - lam[i]
+    rks = [(lam[i - j] - lam[i]) / h for j in range(1, k)]
+    d1s = [(ms[-1 - j] - ms[-1]) / rks[j - 1] for j in range(1, k)]
+    rks_t = torch.stack(rks + [torch.ones_like(h)])
+    R, b, b_h = _unipc_coefficients(rks_t, h, variant)
+    x_tilde = (g.sigma[i + 1] / g.sigma[i]) * x - g.alpha[i + 1] * torch.expm1(-h) * ms[-1]
+    x_pred = x_tilde
+    if k >= 2:
+        rho_p = torch.full_like(h, 0.5).reshape(1) if k == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        x_pred = x_tilde - g.alpha[i + 1] * b_h * sum(rho_p[j] * d1s[j] for j in range(k - 1))
+    if not corrector:
+        return x_pred, None
+    m_next = g.x0(x_pred, g.eps(x_pred, i + 1), i + 1)
+    rho_c = torch.full_like(h, 0.5).reshape(1) if k == 1 else torch.linalg.solve(R, b)
+    corr = rho_c[-1] * (m_next - ms[-1])
+    for j in range(k - 1):
+        corr = corr + rho_c[j] * d1s[j]
+    return x_tilde - g.alpha[i + 1] * b_h * corr, m_next
+
+
 def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, variant="bh2",
            lower_order_final=True, **_):
     """UniPC multistep predictor-corrector (UniP-k + UniC), data prediction.
@@ -192,30 +252,13 @@ def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=Non
         raise ValueError(f"uni_pc supports orders 1-3, got {order}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; choose bh1 or bh2")
-    g_ = _Grid(model_fn, schedule, x, t, t_prime, cond, uc)
-    lam = g_.lam
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
     ms = [g_.x0(x, g_.eps(x, 0), 0)]
-    orders = step_orders(g_.steps, order, lower_order_final)
-    for i, k in enumerate(orders):
-        h = lam[i + 1] - lam[i]
-        rks = [(lam[i - j] - lam[i]) / h for j in range(1, k)]
-        d1s = [(ms[-1 - j] - ms[-1]) / rks[j - 1] for j in range(1, k)]
-        rks_t = torch.stack(rks + [torch.ones_like(h)])
-        R, b, b_h = _unipc_coefficients(rks_t, h, variant)
-        x_tilde = (g_.sigma[i + 1] / g_.sigma[i]) * x - g_.alpha[i + 1] * torch.expm1(-h) * ms[-1]
-        x_pred = x_tilde
-        if k >= 2:
-            rho_p = torch.full_like(h, 0.5).reshape(1) if k == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
-            x_pred = x_tilde - g_.alpha[i + 1] * b_h * sum(rho_p[j] * d1s[j] for j in range(k - 1))
-        if i == g_.steps - 1:
-            return x_pred
-        m_next = g_.x0(x_pred, g_.eps(x_pred, i + 1), i + 1)
-        rho_c = torch.full_like(h, 0.5).reshape(1) if k == 1 else torch.linalg.solve(R, b)
-        corr = rho_c[-1] * (m_next - ms[-1])
-        for j in range(k - 1):
-            corr = corr + rho_c[j] * d1s[j]
-        x = x_tilde - g_.alpha[i + 1] * b_h * corr
-        ms = (ms + [m_next])[-3:]
+    for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
+        last = i == g_.steps - 1
+        x, m_next = uni_pc_step(g_, x, ms, i, k, variant, corrector=not last)
+        if not last:
+            ms = (ms + [m_next])[-3:]
     return x
 
 
@@ -228,6 +271,16 @@ IPNDM_WEIGHTS = {
 }
 
 
+def ipndm_step(g: Grid, y: Tensor, eps_hist: list[Tensor], i: int, k: int) -> Tensor:
+    """One AB-k step in y = x / alpha, s = sigma / alpha from s_i to s_{i+1}; ``eps_hist`` newest first.
+
+    y_{i+1} = y_i + (s_{i+1} - s_i) sum_j w^k_j eps_{i-j}. No network call.
+    """
+    s = g.sigma / g.alpha
+    d = sum(w * e for w, e in zip(IPNDM_WEIGHTS[k], eps_hist))
+    return y + (s[i + 1] - s[i]) * d
+
+
 def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None, lower_order_final=False, **_):
     """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on the noise prediction.
 
@@ -237,15 +290,13 @@ def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None
     """
     if not 1 <= order <= 4:
         raise ValueError(f"ipndm supports orders 1-4, got {order}")
-    g_ = _Grid(model_fn, schedule, x, t, t_prime, cond, uc)
-    s = g_.sigma / g_.alpha
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
     eps_hist: list[Tensor] = []
     y = x / g_.alpha[0]
     for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
         x_i = x if i == 0 else g_.alpha[i] * y
         eps_hist = ([g_.eps(x_i, i)] + eps_hist)[:4]
-        d = sum(w * e for w, e in zip(IPNDM_WEIGHTS[k], eps_hist))
-        y = y + (s[i + 1] - s[i]) * d
+        y = ipndm_step(g_, y, eps_hist, i, k)
     return g_.alpha[-1] * y
 
 
@@ -262,6 +313,37 @@ def singlestep_orders(nfe: int, order: int) -> list[int]:
     if order == 2:
         return [2] * (nfe // 2) if nfe % 2 == 0 else [2] * (nfe // 2) + [1]
     return [1] * nfe
+
+
+def dpm_solver_step(g: Grid, x: Tensor, p: int, k: int) -> Tensor:
+    """One singlestep DPM-Solver step of order k from x at t_p to t_{p+k} (formulas in ``dpm_solver``).
+
+    k network calls, at t'_p ... t'_{p+k-1}; the intermediate points are the grid's t_{p+1}, t_{p+2}.
+    """
+    a, sg, lam = g.alpha, g.sigma, g.lam
+    q = p + k
+    h = lam[q] - lam[p]
+    phi_1 = torch.expm1(h)
+    eps_s = g.eps(x, p)
+    base = (a[q] / a[p]) * x - sg[q] * phi_1 * eps_s
+    if k == 1:
+        return base
+    r1 = (lam[p + 1] - lam[p]) / h
+    if k == 2:
+        u = (a[p + 1] / a[p]) * x - sg[p + 1] * torch.expm1(r1 * h) * eps_s
+        return base - sg[q] * phi_1 * (g.eps(u, p + 1) - eps_s) / (2.0 * r1)
+    r2 = (lam[p + 2] - lam[p]) / h
+    u1 = (a[p + 1] / a[p]) * x - sg[p + 1] * torch.expm1(r1 * h) * eps_s
+    d_1 = (g.eps(u1, p + 1) - eps_s) / r1
+    phi_12 = torch.expm1(r2 * h)
+    u2 = (a[p + 2] / a[p]) * x - sg[p + 2] * phi_12 * eps_s \
+        - sg[p + 2] * r2 * (phi_12 / (r2 * h) - 1.0) * d_1
+    d_2 = (g.eps(u2, p + 2) - eps_s) / r2
+    d1 = (r2 * d_1 - r1 * d_2) / (r2 - r1)
+    d2 = 2.0 * (d_2 - d_1) / (r2 - r1)
+    phi_2 = phi_1 / h - 1.0
+    phi_3 = phi_2 / h - 0.5
+    return base - sg[q] * phi_2 * d1 - sg[q] * phi_3 * d2
 
 
 def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, **_):
@@ -282,36 +364,11 @@ def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc
     """
     if not 1 <= order <= 3:
         raise ValueError(f"dpm_solver supports orders 1-3, got {order}")
-    g_ = _Grid(model_fn, schedule, x, t, t_prime, cond, uc)
-    a, sg, lam = g_.alpha, g_.sigma, g_.lam
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
     p = 0
     for k in singlestep_orders(g_.steps, order):
-        q = p + k
-        h = lam[q] - lam[p]
-        phi_1 = torch.expm1(h)
-        eps_s = g_.eps(x, p)
-        base = (a[q] / a[p]) * x - sg[q] * phi_1 * eps_s
-        if k == 1:
-            x = base
-        elif k == 2:
-            r1 = (lam[p + 1] - lam[p]) / h
-            u = (a[p + 1] / a[p]) * x - sg[p + 1] * torch.expm1(r1 * h) * eps_s
-            x = base - sg[q] * phi_1 * (g_.eps(u, p + 1) - eps_s) / (2.0 * r1)
-        else:
-            r1 = (lam[p + 1] - lam[p]) / h
-            r2 = (lam[p + 2] - lam[p]) / h
-            u1 = (a[p + 1] / a[p]) * x - sg[p + 1] * torch.expm1(r1 * h) * eps_s
-            d_1 = (g_.eps(u1, p + 1) - eps_s) / r1
-            phi_12 = torch.expm1(r2 * h)
-            u2 = (a[p + 2] / a[p]) * x - sg[p + 2] * phi_12 * eps_s \
-                - sg[p + 2] * r2 * (phi_12 / (r2 * h) - 1.0) * d_1
-            d_2 = (g_.eps(u2, p + 2) - eps_s) / r2
-            d1 = (r2 * d_1 - r1 * d_2) / (r2 - r1)
-            d2 = 2.0 * (d_2 - d_1) / (r2 - r1)
-            phi_2 = phi_1 / h - 1.0
-            phi_3 = phi_2 / h - 0.5
-            x = base - sg[q] * phi_2 * d1 - sg[q] * phi_3 * d2
-        p = q
+        x = dpm_solver_step(g_, x, p, k)
+        p += k
     return x
 
 
@@ -365,5 +422,6 @@ def nfe_of(name: str, steps: int) -> int:
 
 
 __all__ = ["solve", "get_solver", "steps_for_nfe", "nfe_of", "SOLVERS", "step_orders", "singlestep_orders",
-           "euler", "heun", "dpm_solver_pp", "uni_pc", "ipndm", "dpm_solver"]
+           "euler", "heun", "dpm_solver_pp", "uni_pc", "ipndm", "dpm_solver", "Grid",
+           "heun_step", "dpm_solver_pp_step", "uni_pc_step", "ipndm_step", "dpm_solver_step"]
 

@@ -59,7 +59,11 @@ OPTIONS: dict[str, Opt] = {
     "model": Opt(str, "digits_gmm", "model family: edm, digits_unet, digits_gmm, gaussian, latent_diff, "
                  "conditioned_latent_diff (ours)"),
     "ckp_path": Opt(_none_or(str), None, "checkpoint file or folder of the pre-trained model"),
-    "config_path": Opt(_none_or(str), None, "original (CompVis) yaml config of a latent diffusion checkpoint"),
+    "config": Opt(_none_or(str), None, "original (CompVis) yaml config of a latent diffusion checkpoint"),
+    "H": Opt(_none_or(int), None, "decoded image height (latent models)"),
+    "W": Opt(_none_or(int), None, "decoded image width (latent models)"),
+    "C": Opt(_none_or(int), None, "latent channels (latent models)"),
+    "f": Opt(_none_or(int), None, "autoencoder down-sampling factor (latent side = H // f)"),
     "schedule": Opt(str, "ve", "noise schedule of analytic models: ve or vp_discrete (ours)"),
     "dataset": Opt(str, "digits", "dataset name (GITS tables, plots)"),
     "use_ema": Opt(str2bool, True, "use the EMA weights of a latent diffusion checkpoint"),
@@ -78,6 +82,10 @@ OPTIONS: dict[str, Opt] = {
     "skip_type": Opt(str, "edm", "baseline discretization: edm, time_uniform, time_quadratic, logSNR, gits"),
     "unipc_variant": Opt(str, "bh2", "UniPC variant: bh1 or bh2", ("bh1", "bh2")),
     "lower_order_final": Opt(str2bool, True, "lower the order of the final multistep steps"),
+    "learn": Opt(str2bool, False, "gen_data: sample with the learned run that main.py's options name"),
+    "fid_folder": Opt(_none_or(str), None, "folder of FID results"),
+    "ref_path": Opt(_none_or(str), None, "FID reference statistics (.npz with mu, sigma)"),
+    "num_multi_steps_fid": Opt(_none_or(int), None, "unused (kept for the paper's configs)"),
     "load_from": Opt(_none_or(str), None, "sample with a learned discretization (best_v2.pt)"),
     # gen_data
     "total_samples": Opt(int, 100, "number of teacher samples"),
@@ -94,7 +102,8 @@ OPTIONS: dict[str, Opt] = {
     "log_path": Opt(str, "logs", "root folder of runs"),
     # main: method
     "loss_type": Opt(str, "LPIPS", "LPIPS, L2 or L1", ("LPIPS", "L2", "L1")),
-    "lpips_size": Opt(int, 224, "LPIPS: images smaller than this are resized to it (ours)"),
+    "lpips_size": Opt(int, 32, "LPIPS: images smaller than this are resized up to it (the paper's sizes, 32 and "
+                      "up, are used as they are) (ours)"),
     "training_rounds_v1": Opt(int, 2, "rounds of phase 1 (params1 only)"),
     "training_rounds_v2": Opt(int, 5, "rounds of phase 2 (params1 and params2)"),
     "no_v1": Opt(str2bool, False, "skip phase 1 and learn only params2"),
@@ -118,7 +127,7 @@ OPTIONS: dict[str, Opt] = {
     "valid_every": Opt(int, 1, "validate after every k optimizer steps (ours)"),
     "visualize": Opt(str2bool, True, "write plots into the run folder"),
     "resume": Opt(str2bool, False, "continue a stopped run from its last state (ours)"),
-    "sampling_seed": Opt(_none_or(int), None, "seed of fresh evaluation noise (default seed + 12345) (ours)"),
+    "sampling_seed": Opt(_none_or(int), None, "seed of fresh evaluation noise, drawn apart from the teacher noise (default: seed)"),
     "gmm_components": Opt(int, 40, "number of mixture components of the digits GMM (ours)"),
     "eval_fresh": Opt(int, 0, "after training, compare with baselines on this many fresh noises (ours)"),
 }

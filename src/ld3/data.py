@@ -22,9 +22,12 @@ from ld3.io import atomic_torch_save, safe_load
 FILE_PATTERN = "latent_*.pt"
 
 
-def noise_for_indices(seed: int, indices: Sequence[int], shape: Sequence[int]) -> Tensor:
-    """Unit Gaussian noise, one row per index, float32 on the CPU."""
-    return torch.stack([torch.randn(tuple(shape), generator=index_generator(seed, i)) for i in indices])
+TRAIN_STREAM, EVAL_STREAM = 0, 2  # teacher data / fresh evaluation noise (stream 1: class labels)
+
+
+def noise_for_indices(seed: int, indices: Sequence[int], shape: Sequence[int], stream: int = TRAIN_STREAM) -> Tensor:
+    """Unit Gaussian noise, one row per index, float32 on the CPU; evaluation uses its own stream."""
+    return torch.stack([torch.randn(tuple(shape), generator=index_generator(seed, i, stream)) for i in indices])
 
 
 def sample_path(folder: Path, index: int) -> Path:

@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from ld3.data import noise_for_indices
+from ld3.data import EVAL_STREAM, noise_for_indices
 from ld3.io import atomic_write_text
 from ld3.runtime import baseline_times
 from ld3.student import Rollout, SolverSpec
@@ -33,8 +33,9 @@ def teacher_config(data_dir: str | Path | None) -> dict:
 
 
 def sampling_seed(cfg: dict) -> int:
+    """Seed of fresh noise (drawn from the evaluation stream, so never the teacher data's noise)."""
     s = cfg.get("sampling_seed")
-    return int(s) if s is not None else int(cfg.get("seed", 0)) + 12345
+    return int(s) if s is not None else int(cfg.get("seed", 0))
 
 
 @torch.no_grad()
@@ -69,7 +70,7 @@ def compare_with_baselines(cfg: dict, model: Model, device: torch.device, learne
     """Mean distance to the teacher on ``n`` fresh noises for each learned and baseline discretization."""
     seed = sampling_seed(cfg)
     idx = list(range(n))
-    z = noise_for_indices(seed, idx, model.latent_shape)
+    z = noise_for_indices(seed, idx, model.latent_shape, EVAL_STREAM)
     c, uc = model.conditions(idx, seed, device)
     tcfg = teacher_config(cfg.get("data_dir"))
     tspec = SolverSpec.from_cfg({**cfg, **tcfg}, tcfg["solver_name"], tcfg.get("order"))

@@ -66,7 +66,9 @@ def time_mode(cfg: dict, model: Model) -> str:
     return model.time_mode if tm in (None, "auto") else tm
 
 
-def baseline_times(cfg: dict, model: Model, skip_type: str, steps: int, nfe: int) -> Tensor:
+def baseline_times(cfg: dict, model: Model, skip_type: str | None, steps: int, nfe: int) -> Tensor:
+    if skip_type is None:
+        raise UserError("--skip_type is required: edm, time_uniform, time_quadratic, logSNR or gits")
     try:
         return get_discretization(skip_type, model.schedule, steps, solver_name=cfg["solver_name"], nfe=nfe,
                                   dataset=str(cfg.get("dataset", "cifar10")))

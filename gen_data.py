@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging  # noqa: E402
+from ld3.io import remove_stale_temporaries  # noqa: E402
 from ld3.data import noise_for_indices, sample_path, save_png, save_sample  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options, data_folder_name,  # noqa: E402
                          load_times, setup_device_and_model)
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> Path:
     if not (cfg["save_pt"] or cfg["save_png"]):
         log.warning("neither --save_pt nor --save_png given: samples are computed but not saved")
     out.mkdir(parents=True, exist_ok=True)
+    if remove_stale_temporaries(out):
+        log.info("removed temporary files of an interrupted run in %s", out)
     save_config({**cfg, "teacher_steps_S": steps}, out / "gen_config.yml")
 
     n, bs, seed = int(cfg["total_samples"]), int(cfg["sampling_batch_size"]), int(cfg["seed"])

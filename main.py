@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging  # noqa: E402
 from ld3.data import load_samples  # noqa: E402
 from ld3.discretization import LearnedDiscretization, checkpoint_dict  # noqa: E402
-from ld3.io import atomic_torch_save, atomic_write_text, safe_load  # noqa: E402
+from ld3.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries, safe_load  # noqa: E402
 from ld3.losses import make_distance  # noqa: E402
 from ld3.runtime import (check_positive, check_solver_options, derived_hparams, gits_prior,  # noqa: E402
                          run_name, setup_device_and_model, time_mode)
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
     if run_dir.exists() and not cfg.get("resume") and any(run_dir.glob("best_v*.pt")):
         log.warning("%s holds an unfinished run; starting again (use --resume to continue it)", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     setup_logging(run_dir / "log.txt")
     save_config({**cfg, "bound": bound, "shift_lr": shift_lr, "lr_time_2_resolved": lr2, "S": steps,
                  "time_mode": time_mode(cfg, model)}, run_dir / "config.yml")
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> Path:
         result = trainer.run(save_state)
     except NumericalError as e:
         save_history(trainer.history, run_dir / "history.json")
+        if trainer.best_loss < float("inf"):
+            trainer.load_params(trainer.best_state)
+            atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
         raise UserError(str(e)) from None
     atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
     with torch.no_grad():

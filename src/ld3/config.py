@@ -188,7 +188,16 @@ def parse_config(argv: list[str] | None = None, description: str = "", extra: di
             _add_flag(parser, key, None)
 
     def fail(msg: str) -> None:
-        raise UserError(msg.splitlines()[0])
+        msg = msg.splitlines()[0]
+        if msg.startswith("unrecognized arguments:"):
+            flags = [a.split("=")[0] for a in msg.split(":", 1)[1].split() if a.startswith("--")]
+            for f in flags:
+                near = difflib.get_close_matches(f[2:], list(table), n=1)
+                if near:
+                    msg += f" (did you mean --{near[0]}?)"
+                    break
+            msg += "; see --help"
+        raise UserError(msg)
 
     parser.error = fail  # type: ignore[assignment]
     args = vars(parser.parse_args(argv))

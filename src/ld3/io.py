@@ -32,6 +32,15 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files left by a killed writer (``.name.XXXX.tmp``); returns how many."""
+    n = 0
+    for p in Path(folder).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 

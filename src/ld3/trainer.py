@@ -140,7 +140,7 @@ class LD3Trainer:
     def _params_state(self) -> dict:
         return {"params1": self.disc.params1.detach().clone(), "params2": self.disc.params2.detach().clone()}
 
-    def _load_params(self, state: dict) -> None:
+    def load_params(self, state: dict) -> None:
         with torch.no_grad():
             self.disc.params1.copy_(state["params1"])
             self.disc.params2.copy_(state["params2"])
@@ -213,7 +213,7 @@ class LD3Trainer:
         if self.bad_checks < cfg.patient:
             return
         self.bad_checks = 0
-        self._load_params(self.best_state)
+        self.load_params(self.best_state)
         for opt, floor in ((self.opt1, cfg.min_lr_time_1), (self.opt2, cfg.min_lr_time_2)):
             for g in opt.param_groups:
                 g["lr"] = max(g["lr"] * cfg.lr_time_decay, floor)
@@ -295,21 +295,21 @@ class LD3Trainer:
                 if phase != self.phase:
                     self._end_phase()
                     self.phase = phase
-                self._load_params(self.best_state)
+                self.load_params(self.best_state)
                 self.train_round(pbar)
                 if save_state is not None:
                     save_state(self)
         self._end_phase()
-        self._load_params(self.best_state)
+        self.load_params(self.best_state)
         return TrainResult(self.best_loss, self.best_v1_loss, self.step, self.history, dict(self.nfe), self.stop)
 
     def _end_phase(self) -> None:
         if self.phase == 1 and self.best_v1 is None and self.round > 0:
-            self._load_params(self.best_state)
+            self.load_params(self.best_state)
             self.best_v1 = checkpoint_dict(self.disc)
             self.best_v1_loss = self.best_loss
         if self.on_phase_end is not None:
-            self._load_params(self.best_state)
+            self.load_params(self.best_state)
             self.on_phase_end(self.phase, self)
 
     # ------------------------------------------------------------------ state (resume)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
@@ -35,6 +36,15 @@ from ld3.trainer import LD3Trainer, NumericalError, save_history, train_config_f
 log = logging.getLogger("ld3")
 
 
+def is_trained(run_dir: Path) -> bool:
+    """As the paper's code: the last non-empty line of log.txt reports the training time."""
+    log_file = run_dir / "log.txt"
+    if not log_file.is_file() or not (run_dir / "best_v2.pt").is_file():
+        return False
+    lines = [x for x in log_file.read_text(errors="replace").splitlines() if x.strip()]
+    return bool(lines) and "Training time" in lines[-1]
+
+
 def main(argv: list[str] | None = None) -> Path:
     setup_logging()
     cfg = parse_config(argv, description=__doc__.split("\n")[0])
@@ -46,14 +56,14 @@ def main(argv: list[str] | None = None) -> Path:
     device, model = setup_device_and_model(cfg)
     bound, shift_lr, lr2 = derived_hparams(cfg, model.latent_shape, nfe)
     run_dir = Path(cfg["log_path"]) / run_name(cfg, bound, lr2)
-    if (run_dir / "result.json").is_file() and (run_dir / "best_v2.pt").is_file() and not cfg.get("resume"):
+    if is_trained(run_dir) and not cfg.get("resume"):
         log.info("%s already records a finished training: skipping (delete the folder to train again)", run_dir)
         return run_dir
 
     img_shape = tuple(model.info.get("img_shape", model.latent_shape))
     n_train, n_valid = int(cfg["num_train"]), int(cfg["num_valid"])
     data = load_samples(Path(cfg["data_dir"]), n_train + n_valid, model.latent_shape, img_shape)
-    distance = make_distance(cfg["loss_type"], device, int(cfg.get("lpips_size") or 224))
+    distance = make_distance(cfg["loss_type"], device, int(cfg.get("lpips_size") or 32))
 
     state_file = run_dir / "last_state.pt"
     if cfg.get("resume") and not state_file.is_file():
@@ -62,7 +72,17 @@ def main(argv: list[str] | None = None) -> Path:
         log.warning("%s holds an unfinished run; starting again (use --resume to continue it)", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
-    setup_logging(run_dir / "log.txt")
+    handler = setup_logging(run_dir / "log.txt")
+    try:
+        return _train(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train,
+                      n_valid, state_file)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: int, bound: float, shift_lr: float,
+           lr2: float, n_train: int, n_valid: int, state_file: Path) -> Path:
     save_config({**cfg, "bound": bound, "shift_lr": shift_lr, "lr_time_2_resolved": lr2, "S": steps,
                  "time_mode": time_mode(cfg, model)}, run_dir / "config.yml")
     log.info("run %s: %s, NFE %d (%d steps), bound %.8g, shift_lr %.8g, lr_time_2 %.8g", run_dir.name,
@@ -73,9 +93,6 @@ def main(argv: list[str] | None = None) -> Path:
         err = disc.fit_to(gits_prior(cfg, model, steps).to(device))
         log.info("params1 fitted to the prior schedule (max error %.3g in the learning variable)", err)
     rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=bool(cfg["low_gpu"]))
-
-    def student(z, t, tp, c, uc):
-        return rollout(z, t, tp, c, uc)
 
     def on_phase_end(phase: int, tr: LD3Trainer) -> None:
         if phase == 1 and tr.best_v1 is not None:
@@ -91,7 +108,8 @@ def main(argv: list[str] | None = None) -> Path:
             plot_curves(tr.history, run_dir / "curves.png")
         save_history(tr.history, run_dir / "history.json")
 
-    trainer = LD3Trainer(disc, student, distance, data.subset(slice(0, n_train)),
+    t_start = time.perf_counter()
+    trainer = LD3Trainer(disc, rollout, distance, data.subset(slice(0, n_train)),
                          data.subset(slice(n_train, n_train + n_valid)),
                          train_config_from(cfg, steps, bound, shift_lr, lr2), run_dir, device,
                          on_phase_end=on_phase_end, count_calls=lambda: rollout.fn.calls)
@@ -125,6 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
 
         compare_with_baselines(cfg, model, device, {"LD3": (t, tp)}, int(cfg["eval_fresh"]), distance,
                                out_dir=run_dir)
+    log.info("Training time: %.1f s", time.perf_counter() - t_start)
     return run_dir
 
 

@@ -38,7 +38,7 @@ def _edm(cfg: dict, device: torch.device) -> Model:
             raise ModelError(f"checkpoint {weights} not found; the embedded model lives at "
                              "models/weights/digits_edm_unet.safetensors (set ckp_path: embedded)")
         den = load_digits_denoiser(weights, device=str(device))
-        return edm_model("digits_unet", den, tuple(den.img_shape), info={"ckp_path": str(weights or "embedded")})
+        return edm_model("digits_unet", den, (den.img_channels, den.img_resolution, den.img_resolution), info={"ckp_path": str(weights or "embedded")})
     from models.edm_pickle import load_edm_model
 
     return load_edm_model(path, device)

@@ -226,7 +226,8 @@ def save_config(cfg: dict, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(clean, sort_keys=True))
 
 
-def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
+def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> logging.Handler | None:
+    """Log to stderr (once) and, if given, to ``log_file``; returns the file handler (to remove later)."""
     root = logging.getLogger()
     root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -235,10 +236,12 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
         root.addHandler(sh)
-    if log_file is not None:
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
+    if log_file is None:
+        return None
+    fh = logging.FileHandler(log_file)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    return fh
 
 
 def run_cli(fn, argv: list[str] | None = None) -> int:

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""The whole LD3 story on the embedded digits model, on a laptop CPU (`make demo`).
+
+1. teacher data: 100 samples, UniPC 20 NFE, edm schedule (gen_data.py);
+2. LD3 at NFE 4 and 6 for uni_pc and ipndm (main.py);
+3. on fresh noise, distance to the teacher and digit Fréchet distance of LD3 and of every
+   hand-made schedule; a table (printed, and summary.md), an image grid and the schedule plot
+   in each run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+import torch  # noqa: E402
+
+import gen_data  # noqa: E402
+import main as ld3_main  # noqa: E402
+from ld3.config import UserError, parse_config  # noqa: E402
+from ld3.data import EVAL_STREAM, noise_for_indices  # noqa: E402
+from ld3.discretization import load_learned_times  # noqa: E402
+from ld3.evaluate import baseline_names, images, teacher_config  # noqa: E402
+from ld3.io import atomic_write_text  # noqa: E402
+from ld3.losses import l2_distance  # noqa: E402
+from ld3.plots import image_grid  # noqa: E402
+from ld3.runtime import baseline_times, setup_device_and_model  # noqa: E402
+from ld3.student import SolverSpec  # noqa: E402
+from samplers.solvers import steps_for_nfe  # noqa: E402
+
+log = logging.getLogger("ld3")
+
+
+def digit_metric():
+    """Fréchet distance in the shipped digit classifier's features (None if it is missing)."""
+    try:
+        from ld3.metrics import digit_quality
+        from models.digit_classifier import load_digit_classifier
+
+        clf = load_digit_classifier()
+    except (ImportError, FileNotFoundError):
+        return None
+    return lambda x: digit_quality(x, clf)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "digits.yml"))
+    ap.add_argument("--out", default="logs/demo")
+    ap.add_argument("--solvers", nargs="+", default=["uni_pc", "ipndm"])
+    ap.add_argument("--nfe", nargs="+", type=int, default=[4, 6])
+    ap.add_argument("--n_teacher", type=int, default=100)
+    ap.add_argument("--n_fresh", type=int, default=500)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    t0 = time.time()
+    out = Path(args.out)
+    print(f"== 1. teacher data ({args.n_teacher} samples, uni_pc 20 NFE, edm) with {args.config}")
+    data = gen_data.main(["--all_config", args.config, "--total_samples", str(args.n_teacher),
+                          "--sampling_batch_size", str(args.n_teacher), "--steps", "20", "--solver_name", "uni_pc",
+                          "--skip_type", "edm", "--save_pt", "--save_png", "--data_dir", str(out / "train_data")])
+    half = args.n_teacher // 2
+    quality = digit_metric()
+    table: dict[str, dict[str, str]] = {}
+    cols: list[str] = []
+    for solver in args.solvers:
+        for nfe in args.nfe:
+            col = f"{solver} NFE {nfe}"
+            cols.append(col)
+            print(f"== 2. LD3: {col}")
+            run = ld3_main.main(["--all_config", args.config, "--data_dir", str(data), "--solver_name", solver,
+                                 "--steps", str(nfe), "--num_train", str(half), "--num_valid", str(half),
+                                 "--log_path", str(out / "runs")])
+            cfg = {**parse_config(["--all_config", args.config, "--solver_name", solver, "--steps", str(nfe)]),
+                   "data_dir": str(data)}
+            device, model = setup_device_and_model(cfg)
+            idx = list(range(args.n_fresh))
+            z = noise_for_indices(cfg["seed"], idx, model.latent_shape, EVAL_STREAM)
+            tcfg = teacher_config(data)
+            tspec = SolverSpec.from_cfg({**cfg, **tcfg}, tcfg["solver_name"], tcfg["order"])
+            t_teacher = baseline_times({**cfg, **tcfg}, model, "edm", steps_for_nfe("uni_pc", 20), 20)
+            teacher = images(model, tspec, t_teacher, None, z, None, None, 250, device)
+            spec = SolverSpec.from_cfg(cfg)
+            S = steps_for_nfe(solver, nfe)
+            candidates = {"LD3": load_learned_times(Path(run) / "best_v2.pt")}
+            for name in baseline_names(cfg, model):
+                candidates[name] = (baseline_times(cfg, model, name, S, nfe), None)
+            grid_rows, grid_labels = [teacher[:12]], ["teacher (20 NFE)"]
+            for name, (t, tp) in candidates.items():
+                im = images(model, spec, t, tp, z, None, None, 250, device)
+                cell = f"{float(l2_distance(im, teacher).mean()):.4f}"
+                if quality is not None:
+                    cell += f" / {quality(im)['frechet']:.2f}"
+                table.setdefault(name, {})[col] = cell
+                grid_rows.append(im[:12])
+                grid_labels.append(name)
+            image_grid(grid_rows, grid_labels, Path(run) / "samples_grid.png")
+            print(f"   run folder: {run} (schedule.png, samples_grid.png, curves.png)")
+    if quality is not None:
+        teacher_q = quality(teacher)
+        floor = f"teacher (uni_pc 20 NFE): Fréchet {teacher_q['frechet']:.2f}, floor (held-out real digits) " \
+                f"{teacher_q['frechet_floor']:.2f}, {args.n_fresh} samples"
+    else:
+        floor = "digit classifier not available: Fréchet distance skipped"
+    head = "| discretization | " + " | ".join(cols) + " |"
+    lines = [f"Distance to the teacher (L2, mean over {args.n_fresh} fresh noises)"
+             + (" / digit Fréchet distance" if quality else "") + "; lower is better.", "", head,
+             "|---" * (len(cols) + 1) + "|"]
+    for name in sorted(table, key=lambda n: (n != "LD3", n)):
+        lines.append(f"| {name} | " + " | ".join(table[name].get(c, "-") for c in cols) + " |")
+    lines += ["", floor, "", f"Whole demo: {time.time() - t0:.0f} s on {torch.get_num_threads()} thread(s)."]
+    text = "\n".join(lines)
+    atomic_write_text(out / "summary.md", text + "\n")
+    print("\n" + text)
+    print(f"\n(saved to {out / 'summary.md'})")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -214,7 +214,8 @@ class LD3Trainer:
             return
         self.bad_checks = 0
         self.load_params(self.best_state)
-        for opt, floor in ((self.opt1, cfg.min_lr_time_1), (self.opt2, cfg.min_lr_time_2)):
+        decay = [(self.opt1, cfg.min_lr_time_1)] + ([(self.opt2, cfg.min_lr_time_2)] if self.phase == 2 else [])
+        for opt, floor in decay:  # phase 1 decays only lr_time_1 (as the paper's code)
             for g in opt.param_groups:
                 g["lr"] = max(g["lr"] * cfg.lr_time_decay, floor)
         if self.phase == 2 and self.opt2.param_groups[0]["lr"] <= cfg.min_lr_time_2:
@@ -296,6 +297,11 @@ class LD3Trainer:
                     self._end_phase()
                     self.phase = phase
                 self.load_params(self.best_state)
+                if self.round > 0:  # validation latents moved last round: re-examine the best state
+                    val = self.validate()
+                    self._after_check(val)
+                    self.history.append({"step": self.step, "phase": self.phase, "valid_loss": val,
+                                         "best_valid": self.best_loss})
                 self.train_round(pbar)
                 if save_state is not None:
                     save_state(self)

@@ -36,6 +36,16 @@ from ld3.trainer import LD3Trainer, NumericalError, save_history, train_config_f
 log = logging.getLogger("ld3")
 
 
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process (MB), and of the accelerator when on CUDA."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def is_trained(run_dir: Path) -> bool:
     """As the paper's code: the last non-empty line of log.txt reports the training time."""
     log_file = run_dir / "log.txt"
@@ -120,6 +130,7 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
     def save_state(tr: LD3Trainer) -> None:
         atomic_torch_save(tr.state_dict(), state_file)
 
+    t_train = time.perf_counter()
     try:
         result = trainer.run(save_state)
     except NumericalError as e:
@@ -131,13 +142,22 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
     atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
     with torch.no_grad():
         t, tp = disc()
-    summary = {"best_valid_loss": result.best_loss, "best_v1_valid_loss": result.best_v1_loss,
+    wall = time.perf_counter() - t_train
+    net, loss = rollout.fn.clock, trainer.distance.clock
+    busy = net.total_s + loss.total_s
+    timing = {"wall_train_s": wall, "network_forward_s": net.forward_s, "network_backward_s": net.backward_s,
+              "loss_s": loss.total_s, "overhead_factor": wall / busy if busy > 0 else None}
+    summary = {"timing": timing, "memory": peak_memory(device),
+               "best_valid_loss": result.best_loss, "best_v1_valid_loss": result.best_v1_loss,
                "optimizer_steps": result.steps, "stopped_early": result.stopped_early,
                "nfe_per_sample": {k: v / n_train if k != "validation" else v / n_valid for k, v in result.nfe.items()},
                "t": t.tolist(), "t_prime": tp.tolist(), "lambda": model.schedule.lambda_(t.double().cpu()).tolist()}
     atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=1))
     log.info("training finished: best validation loss %.6g after %d steps; times %s", result.best_loss,
              result.steps, ", ".join(f"{v:.4g}" for v in t.tolist()))
+    log.info("time: %.1f s training, of which network %.1f s (forward %.1f, backward %.1f) and loss %.1f s; "
+             "overhead factor %.2f", wall, net.total_s, net.forward_s, net.backward_s, loss.total_s,
+             timing["overhead_factor"] or float("nan"))
     if int(cfg.get("eval_fresh") or 0) > 0:
         from ld3.evaluate import compare_with_baselines
 

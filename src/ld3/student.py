@@ -9,21 +9,36 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ld3.timing import Timed
 from models.base import Model
 from samplers.solvers import get_solver, solve
 
 
 class CountingFn:
-    """Wraps a model function and counts its calls (one call = one network evaluation per sample)."""
+    """Wraps a model function: counts its calls (one call = one network evaluation per sample),
+    times them (``clock``: forward and backward seconds), and with ``checkpointed`` recomputes
+    each call's activations in the backward pass instead of storing them (``--low_gpu``)."""
 
-    def __init__(self, fn, checkpointed: bool = False):
-        self.fn, self.checkpointed, self.calls = fn, checkpointed, 0
+    def __init__(self, fn, checkpointed: bool = False, timed: bool = True):
+        self.checkpointed = checkpointed
+        self._timed = Timed(self._call, enabled=timed)
+        self.fn = fn
 
-    def __call__(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
-        self.calls += 1
+    @property
+    def calls(self) -> int:
+        return self._timed.clock.calls
+
+    @property
+    def clock(self):
+        return self._timed.clock
+
+    def _call(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
         if self.checkpointed and torch.is_grad_enabled():
             return checkpoint(self.fn, x, t, cond, uc, use_reentrant=False)
         return self.fn(x, t, cond, uc)
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
+        return self._timed(x, t, cond, uc)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +28,7 @@ from ld3.config import UserError
 from ld3.data import SampleSet
 from ld3.discretization import LearnedDiscretization, checkpoint_dict
 from ld3.io import atomic_torch_save, atomic_write_text
+from ld3.timing import Timed
 
 log = logging.getLogger("ld3")
 
@@ -93,7 +93,8 @@ class LD3Trainer:
                  valid: SampleSet, cfg: TrainConfig, run_dir: Path | None = None, device: torch.device | None = None,
                  on_phase_end: Callable[[int, "LD3Trainer"], None] | None = None,
                  count_calls: Callable[[], int] | None = None):
-        self.disc, self.student, self.distance, self.cfg = disc, student, distance, cfg
+        self.disc, self.student, self.cfg = disc, student, cfg
+        self.distance = Timed(distance)  # loss time, forward and backward
         self.device = device or torch.device("cpu")
         self.train, self.valid = train, valid
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -123,7 +124,6 @@ class LD3Trainer:
         self.stop = False
         self.phase = 1
         self.round = 0  # rounds finished overall
-        self.t_net = 0.0
         del dt
 
     # ------------------------------------------------------------------ helpers
@@ -147,9 +147,7 @@ class LD3Trainer:
 
     def _losses(self, zp: Tensor, img: Tensor, cond: Any, uc: Any, t: Tensor, tp: Tensor) -> Tensor:
         c0 = self.count_calls()
-        t0 = time.perf_counter()
         out = self.distance(self.student(zp, t, tp, cond, uc), img)
-        self.t_net += time.perf_counter() - t0
         self._last_calls = self.count_calls() - c0
         return out
 

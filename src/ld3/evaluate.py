@@ -1,17 +1,25 @@
-"""Compare discretizations on fresh noise: distance of each student to the teacher."""
+"""Fresh-noise evaluation: sampling N images with any discretization, the teacher's images for the
+same noises, the files sample.py writes (``.npz``, grid PNG), and the quick comparison main.py runs.
+
+Fresh noise comes from ``EVAL_STREAM`` with ``--sampling_seed`` (default ``--seed``), so it never
+coincides with the teacher data's noise (``TRAIN_STREAM``) even when the seeds are equal.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor
 
-from ld3.data import EVAL_STREAM, noise_for_indices
-from ld3.io import atomic_write_text
+from ld3.data import EVAL_STREAM, noise_for_indices, to_uint8
+from ld3.io import _atomic_write_bytes, atomic_write_text
 from ld3.runtime import baseline_times
 from ld3.student import Rollout, SolverSpec
 from models.base import Model
@@ -38,18 +46,93 @@ def sampling_seed(cfg: dict) -> int:
     return int(s) if s is not None else int(cfg.get("seed", 0))
 
 
+def fresh_noise(cfg: dict, model: Model, n: int, device: torch.device,
+                start: int = 0) -> tuple[Tensor, Any, Any]:
+    """Unit noise (CPU) and conditions of evaluation samples ``start .. start + n - 1``."""
+    seed = sampling_seed(cfg)
+    idx = list(range(start, start + n))
+    z = noise_for_indices(seed, idx, model.latent_shape, EVAL_STREAM)
+    c, uc = model.conditions(idx, seed, device)
+    return z, c, uc
+
+
 @torch.no_grad()
 def images(model: Model, spec: SolverSpec, t: Tensor, tp: Tensor | None, z: Tensor, c: Any, uc: Any,
-           batch: int, device: torch.device) -> Tensor:
+           batch: int, device: torch.device, desc: str | None = None) -> Tensor:
+    """Decoded images in [-1, 1] (CPU) of the noises ``z``, ``batch`` at a time; a progress bar if ``desc``."""
+    from tqdm import tqdm
+
     roll = Rollout(model, spec)
     out = []
-    for i in range(0, z.shape[0], batch):
-        sl = slice(i, i + batch)
-        cc = None if c is None else c[sl]
-        uu = None if uc is None else uc[sl]
-        out.append(roll(z[sl].to(device), t.to(device), None if tp is None else tp.to(device), cc, uu)
-                   .clamp(-1, 1).cpu())
+    with tqdm(total=z.shape[0], desc=desc, unit="img", disable=None if desc else True, leave=False) as bar:
+        for i in range(0, z.shape[0], batch):
+            sl = slice(i, i + batch)
+            cc = None if c is None else c[sl]
+            uu = None if uc is None else uc[sl]
+            out.append(roll(z[sl].to(device), t.to(device), None if tp is None else tp.to(device), cc, uu)
+                       .clamp(-1, 1).cpu())
+            bar.update(out[-1].shape[0])
     return torch.cat(out)
+
+
+def teacher_times(cfg: dict, model: Model) -> tuple[SolverSpec, Tensor]:
+    """The teacher's solver and discretization (``teacher_config`` of ``cfg['data_dir']``)."""
+    tcfg = teacher_config(cfg.get("data_dir"))
+    tspec = SolverSpec.from_cfg({**cfg, **tcfg}, tcfg["solver_name"], tcfg.get("order"))
+    tsteps = steps_for_nfe(tcfg["solver_name"], int(tcfg["steps"]))
+    return tspec, baseline_times({**cfg, **tcfg}, model, tcfg["skip_type"], tsteps, int(tcfg["steps"]))
+
+
+def teacher_images(cfg: dict, model: Model, z: Tensor, c: Any, uc: Any, batch: int, device: torch.device,
+                   desc: str | None = None) -> Tensor:
+    """The teacher's images of the noises ``z`` (solver options as in :func:`teacher_config`)."""
+    tspec, t = teacher_times(cfg, model)
+    return images(model, tspec, t, None, z, c, uc, batch, device, desc)
+
+
+def save_npz(path: Path, imgs: Tensor | np.ndarray) -> np.ndarray:
+    """Write images as ``arr_0``: N x H x W x C uint8, the layout EDM's fid.py and ADM's evaluator read.
+
+    ``imgs`` is N x C x H x W in [-1, 1] (a tensor) or already an N x H x W x C uint8 array.
+    """
+    arr = to_uint8(imgs) if isinstance(imgs, Tensor) else np.asarray(imgs)
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ValueError(f"expected N x H x W x C uint8 images, got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    np.savez(buf, arr_0=arr)
+    _atomic_write_bytes(Path(path), buf.getvalue())
+    return arr
+
+
+def grid_array(imgs: Tensor, ncol: int | None = None, pad: int = 1, min_tile: int = 32) -> np.ndarray:
+    """Tile N x C x H x W images in [-1, 1] into one H' x W' x C uint8 array (pixel-exact, white gaps).
+
+    ``ncol`` defaults to ceil(sqrt(N)); tiles smaller than ``min_tile`` pixels are enlarged by an
+    integer factor (nearest neighbour) so that 8 x 8 digits stay visible.
+    """
+    arr = to_uint8(imgs)
+    n, h, w, c = arr.shape
+    k = max(1, math.ceil(min_tile / max(h, w)))
+    if k > 1:
+        arr = arr.repeat(k, axis=1).repeat(k, axis=2)
+        h, w = h * k, w * k
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = math.ceil(n / ncol)
+    out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = arr[i]
+    return out
+
+
+def save_grid_png(path: Path, imgs: Tensor, ncol: int | None = None) -> None:
+    """An image grid PNG of ``imgs`` (see :func:`grid_array`)."""
+    from PIL import Image
+
+    g = grid_array(imgs, ncol)
+    buf = io.BytesIO()
+    Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(buf, format="PNG")
+    _atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def baseline_names(cfg: dict, model: Model) -> list[str]:
@@ -68,15 +151,8 @@ def baseline_names(cfg: dict, model: Model) -> list[str]:
 def compare_with_baselines(cfg: dict, model: Model, device: torch.device, learned: dict[str, tuple[Tensor, Tensor]],
                            n: int, distance, out_dir: Path | None = None, batch: int = 100) -> dict[str, float]:
     """Mean distance to the teacher on ``n`` fresh noises for each learned and baseline discretization."""
-    seed = sampling_seed(cfg)
-    idx = list(range(n))
-    z = noise_for_indices(seed, idx, model.latent_shape, EVAL_STREAM)
-    c, uc = model.conditions(idx, seed, device)
-    tcfg = teacher_config(cfg.get("data_dir"))
-    tspec = SolverSpec.from_cfg({**cfg, **tcfg}, tcfg["solver_name"], tcfg.get("order"))
-    tsteps = steps_for_nfe(tcfg["solver_name"], int(tcfg["steps"]))
-    t_teacher = baseline_times({**cfg, **tcfg}, model, tcfg["skip_type"], tsteps, int(tcfg["steps"]))
-    teacher = images(model, tspec, t_teacher, None, z, c, uc, batch, device)
+    z, c, uc = fresh_noise(cfg, model, n, device)
+    teacher = teacher_images(cfg, model, z, c, uc, batch, device)
     spec = SolverSpec.from_cfg(cfg)
     steps = steps_for_nfe(cfg["solver_name"], int(cfg["steps"]))
     rows: dict[str, float] = {}

@@ -1,0 +1,181 @@
+"""Export of learned runs (JSON) and its use in diffusers: round trip, sigmas, timesteps, a denoising loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+from ld3.discretization import LearnedDiscretization, checkpoint_dict
+from ld3.export import diffusers_timesteps, export_dict, times_from_export
+from models.analytic import digits_gmm_model
+from samplers.schedules import VESchedule, VPDiscreteSchedule
+from samplers.solvers import solve
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = str(ROOT / "configs" / "digits_gmm.yml")
+VP_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def _learned(schedule, steps: int, mode: str, seed: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A checkpoint in the paper's format with random (monotone) times and decoupled t'."""
+    disc = LearnedDiscretization(schedule, steps, mode)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        disc.params1.copy_(torch.randn(steps + 1, generator=g, dtype=torch.float64) * 0.5)
+        disc.params2.copy_(torch.randn(steps + 1, generator=g, dtype=torch.float64))
+        t, tp = disc()
+    return checkpoint_dict(disc), t, tp
+
+
+def _export(tmp_path: Path, ck: dict, *extra: str) -> dict:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    torch.save(ck, run / "best_v2.pt")
+    out = tmp_path / "export.json"
+    sample.main(["--all_config", CFG, "--export", str(run), "--out", str(out), *extra])
+    return json.loads(out.read_text())
+
+
+def test_round_trip_ve(tmp_path):
+    ck, t, tp = _learned(VESchedule(), 5, "lambda")
+    d = _export(tmp_path, ck, "--solver_name", "ipndm", "--order", "3")
+    t2, tp2 = times_from_export(d)
+    assert torch.equal(t2, t) and torch.equal(tp2, tp), "JSON must give back the learned times exactly"
+    assert d["solver"] == "ipndm" and d["order"] == 3 and d["steps"] == 5 and d["nfe"] == 5
+    assert d["sigmas"][-1] == 0.0 and len(d["sigmas"]) == len(d["t"]) + 1
+    assert d["sigmas"][:-1] == d["t"], "VE: the EDM noise level is t itself"
+    assert d["lambda"] == pytest.approx([-float(torch.log(x)) for x in t], rel=1e-12)
+    assert all(a > b for a, b in zip(d["sigmas"], d["sigmas"][1:]))
+    assert d["decoupled"] is True and "t' != t" in d["note"] and "timesteps" not in d
+
+
+def test_solver_from_run_config_and_no_note_without_decoupling(tmp_path):
+    sch = VESchedule()
+    disc = LearnedDiscretization(sch, 4, "lambda")
+    ck = checkpoint_dict(disc)  # params2 = 0: t' = t
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yml").write_text("solver_name: heun\nsteps: 7\norder: 2\n")
+    d = _export(tmp_path, ck)
+    assert d["solver"] == "heun" and d["nfe"] == 7 and d["steps"] == 4
+    assert d["decoupled"] is False and "t' != t" not in d["note"]
+
+
+def test_timesteps_vp_discrete(tmp_path):
+    sch = VPDiscreteSchedule.linear(1000)
+    ck, t, tp = _learned(sch, 6, "time", seed=3)
+    d = _export(tmp_path, ck, "--schedule", "vp_discrete")
+    assert torch.equal(times_from_export(d)[0], t)
+    ts = d["timesteps"]
+    assert len(ts) == 6 and all(isinstance(k, int) for k in ts)
+    assert all(a > b for a, b in zip(ts, ts[1:])), "strictly descending, no duplicates"
+    assert ts[0] == 999 and ts[-1] >= 1 and all(0 <= k <= 999 for k in ts)
+    exact = sch.model_time(t[:-1])
+    assert max(abs(a - float(b)) for a, b in zip(ts, exact)) <= 0.5 + 1e-9
+    assert d["schedule"]["num_train_timesteps"] == 1000 and d["sigmas"][-1] == 0.0
+
+
+def test_timesteps_never_collide_or_end_at_zero():
+    sch = VPDiscreteSchedule.linear(1000)
+    n = 1000
+    # crowded at both ends: all of these would round to 999 / 0
+    t = torch.tensor([1.0, 1.0 - 0.1 / n, 1.0 - 0.2 / n, 0.5, 1.3 / n, 1.2 / n, 1.1 / n, 1.0 / n], dtype=torch.float64)
+    ts, moved = diffusers_timesteps(t, sch)
+    assert ts == [999, 998, 997, 499, 3, 2, 1]
+    assert moved == pytest.approx(2.7, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- diffusers
+diffusers = pytest.importorskip("diffusers")
+
+
+def _retrieve():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    return retrieve_timesteps
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a diffusers UNet2DModel and records the timestep of every call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, x, t):
+        self.calls.append(float(t))
+        return self.unet(x, t).sample
+
+
+def _tiny_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+
+
+@pytest.mark.parametrize("kind", ["timesteps", "sigmas"])
+def test_tiny_diffusers_pipeline_uses_exported_schedule(kind):
+    """The denoising loop of diffusers pipelines (retrieve_timesteps + scheduler.step) with a tiny UNet."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    sch = VPDiscreteSchedule.linear(1000)
+    t = torch.tensor([1.0, 0.62, 0.3, 0.11, 0.04, 0.001], dtype=torch.float64)
+    d = export_dict(t, t, sch, solver="dpm_solver++", order=2)
+    if kind == "timesteps":
+        scheduler = DPMSolverMultistepScheduler(**VP_KW, solver_order=2, final_sigmas_type="sigma_min")
+        timesteps, n = _retrieve()(scheduler, timesteps=d["timesteps"])
+        want = [float(k) for k in d["timesteps"]]
+    else:
+        scheduler = EulerDiscreteScheduler(**VP_KW)
+        timesteps, n = _retrieve()(scheduler, sigmas=d["sigmas"])
+        want = sch.model_time(t).tolist()  # S + 1 calls: the last from sigma_min to 0
+        assert scheduler.sigmas.tolist() == pytest.approx(d["sigmas"], rel=1e-5)
+    unet = Recorder(_tiny_unet())
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for ts in timesteps:
+            x = scheduler.step(unet(scheduler.scale_model_input(x, ts), ts), ts, x).prev_sample
+    assert n == len(want)
+    assert unet.calls == pytest.approx(want, abs=0.02)
+    assert torch.isfinite(x).all()
+
+
+def test_diffusers_dpmsolver_reproduces_ld3_solver():
+    """diffusers' DPM-Solver++(2M) with the exported timesteps = ld3's dpm_solver++ order 2 on those times."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    model = digits_gmm_model("vp_discrete")
+    sch = model.schedule
+    n = sch.N
+    ks = [999, 640, 310, 150, 60, 15]
+    t = torch.tensor([(k + 1) / n for k in ks] + [1 / n], dtype=torch.float64)
+    d = export_dict(t, t, sch, solver="dpm_solver++", order=2)
+    assert d["timesteps"] == ks
+    scheduler = DPMSolverMultistepScheduler(**VP_KW, solver_order=2, algorithm_type="dpmsolver++",
+                                            final_sigmas_type="sigma_min")
+    timesteps, _ = _retrieve()(scheduler, timesteps=d["timesteps"])
+    z = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = z.float()
+    with torch.no_grad():
+        for ts in timesteps:
+            eps = model.noise_fn(x.double(), torch.full((x.shape[0],), (float(ts) + 1) / n), None, None)
+            x = scheduler.step(eps.float(), ts, x).prev_sample
+        ours = solve("dpm_solver++", model.noise_fn, sch, sch.prior(z), times_from_export(d)[0], None, order=2)
+    assert (x.double() - ours).abs().max() < 1e-4 * ours.abs().max()
+
+
+def test_edm_karras_ramp_in_diffusers_edm_scheduler():
+    from diffusers import EDMEulerScheduler
+
+    ck_t = torch.tensor([80.0, 9.3, 1.7, 0.41, 0.05, 0.002], dtype=torch.float64)
+    d = export_dict(ck_t, ck_t, VESchedule(), solver="euler", order=1)
+    s = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_schedule="karras", rho=7.0,
+                          final_sigmas_type="sigma_min")
+    s.set_timesteps(sigmas=torch.tensor(d["edm_karras_ramp"]))
+    assert s.sigmas[:-1].tolist() == pytest.approx(d["sigmas"][:-1], rel=1e-5)

@@ -10,8 +10,11 @@ Files go to ``{data_dir}/{solver_name}_NFE{steps}_{skip_type}_seed{seed}/``. Noi
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
@@ -21,7 +24,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging  # noqa: E402
-from ld3.io import remove_stale_temporaries  # noqa: E402
+from ld3.io import atomic_write_text, remove_stale_temporaries  # noqa: E402
 from ld3.data import noise_for_indices, sample_path, save_png, save_sample  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options, data_folder_name,  # noqa: E402
                          load_times, setup_device_and_model)
@@ -72,19 +75,43 @@ def main(argv: list[str] | None = None) -> Path:
     if len(todo) < n:
         log.info("%d of %d samples already in %s; generating the other %d", n - len(todo), n, out, len(todo))
     rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=False)
-    with torch.no_grad(), tqdm(total=len(todo), desc="teacher", unit="img", disable=None) as bar:
+    t_start = time.perf_counter()
+
+    def write(idx: list[int], z, img, c, uc) -> None:
+        for j, i in enumerate(idx):
+            if cfg["save_pt"]:
+                save_sample(out, i, z[j], img[j], None if c is None else c[j], None if uc is None else uc[j])
+            if cfg["save_png"]:
+                save_png(out, i, img[j])
+
+    # Files are written by one background thread while the next batch is computed (at most two
+    # batches wait), so the time a user waits is the network's.
+    pending: list[Future] = []
+    with torch.no_grad(), tqdm(total=len(todo), desc="teacher", unit="img", disable=None) as bar, \
+            ThreadPoolExecutor(max_workers=1) as writer:
         for b in range(0, len(todo), bs):
             idx = todo[b:b + bs]
             z = noise_for_indices(seed, idx, model.latent_shape).to(device)
             c, uc = model.conditions(idx, seed, device)
             img = rollout(z, t.to(device), None if tp is None else tp.to(device), c, uc).clamp(-1, 1)
-            for j, i in enumerate(idx):
-                if cfg["save_pt"]:
-                    save_sample(out, i, z[j], img[j], None if c is None else c[j], None if uc is None else uc[j])
-                if cfg["save_png"]:
-                    save_png(out, i, img[j])
+            cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            pending.append(writer.submit(write, idx, cpu(z), cpu(img), cpu(c), cpu(uc)))
+            while len(pending) > 2 or (pending and pending[0].done()):
+                pending.pop(0).result()
             bar.update(len(idx))
-    log.info("%d samples in %s (%d network calls per sample)", n, out, rollout.fn.calls // max(1, -(-len(todo) // bs)))
+        for f in pending:
+            f.result()
+    wall = time.perf_counter() - t_start
+    net_s = rollout.fn.clock.forward_s
+    stats = {"images": len(todo), "wall_s": wall, "network_s": net_s,
+             "images_per_s": len(todo) / wall if wall > 0 else None,
+             "network_bound_images_per_s": len(todo) / net_s if net_s > 0 else None,
+             "share_of_bound": net_s / wall if wall > 0 else None,
+             "network_calls_per_sample": rollout.fn.calls / max(1, -(-len(todo) // bs))}
+    atomic_write_text(out / "gen_stats.json", json.dumps(stats, indent=1))
+    log.info("%d samples in %s: %.1f images/s (%.0f%% of the network-only bound), %d network calls per sample",
+             n, out, stats["images_per_s"] or 0, 100 * (stats["share_of_bound"] or 0),
+             stats["network_calls_per_sample"])
     return out
 
 

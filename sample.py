@@ -12,7 +12,7 @@ digit metrics) into ``--out_dir``:
 Compare every baseline and learned runs over NFEs (table as CSV + Markdown, plot):
 
     python3 sample.py --all_config configs/digits_gmm.yml --compare --nfes 3,4,6 \
-        --runs logs/digits_gmm/RUN_A,logs/digits_gmm/RUN_B --metric teacher --out_dir compare/digits
+        --runs logs/digits_gmm/RUN_A,logs/digits_gmm/RUN_B --metric teacher --out_dir samples/compare_digits
 
 Export a learned run for diffusers / k-diffusion (t, t', lambda, sigmas, timesteps):
 
@@ -33,19 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ld3.config import Opt, UserError, _none_or, parse_config, run_cli, save_config, setup_logging, str2bool  # noqa: E402,E501
+from ld3.config import (Opt, UserError, _none_or, parse_config, run_cli, save_config,  # noqa: E402
+                        setup_logging, str2bool)
 from ld3.io import atomic_write_text  # noqa: E402
-from ld3.runtime import baseline_times, check_positive, check_solver_options, setup_device_and_model  # noqa: E402
+from ld3.runtime import (baseline_times, check_positive, check_solver_options,  # noqa: E402
+                         setup_device_and_model)
 from ld3.student import Rollout, SolverSpec  # noqa: E402
 
 log = logging.getLogger("ld3")
 
 EXTRA: dict[str, Opt] = {
-    "num_samples": Opt(int, 100, "sample.py: number of samples (sample mode) or of fresh noises per cell (--compare)"),
+    "num_samples": Opt(int, 100, "sample.py: number of samples (sample mode) or of fresh noises per cell "
+                       "(--compare)"),
     "out_dir": Opt(_none_or(str), None, "sample.py: output folder (default samples/<config>/<discretization>_"
-                   "<solver>_NFE<n>_seed<s>, or compare/<config>/<solver> with --compare)"),
-    "metrics": Opt(str, "auto", "sample.py: comma list of teacher, fid, digits, or none; auto = teacher, plus "
-                   "digits for 8x8 digits models, plus fid when --ref_path exists"),
+                   "<solver>_NFE<n>_seed<s>, or samples/<config>/compare_<solver>_<metric> with --compare)"),
+    "metrics": Opt(str, "auto", "sample.py: comma list of teacher, fid, digits, or none; auto = teacher, "
+                   "plus digits for 8x8 digits models, plus fid when --ref_path exists"),
     "teacher_distances": Opt(str, "L2,L1,LPIPS", "sample.py: distances to the teacher (LPIPS skipped with a "
                              "warning when its weights are missing)"),
     "teacher_samples": Opt(_none_or(int), None, "sample.py: distance to the teacher on the first K samples "
@@ -54,12 +57,14 @@ EXTRA: dict[str, Opt] = {
                              "weights-inception-2015-12-05-6726825d.pth)"),
     "grid_size": Opt(int, 64, "sample.py: samples shown in grid.png"),
     "compare": Opt(str2bool, False, "sample.py: comparison table of baselines and learned runs over --nfes"),
-    "runs": Opt(_none_or(str), None, "--compare: comma list of learned runs ([label=]run folder or best_v2.pt)"),
+    "runs": Opt(_none_or(str), None, "--compare: comma list of learned runs ([label=]run folder or "
+                "best_v2.pt)"),
     "nfes": Opt(_none_or(str), None, "--compare: comma list of NFEs (default: --steps and the runs' NFEs)"),
     "metric": Opt(str, "teacher", "--compare: teacher (distance, --loss_type), fid or digit_fd",
                   ("teacher", "fid", "digit_fd")),
     "export": Opt(_none_or(str), None, "sample.py: export this learned run (folder or best_v2.pt) to JSON"),
-    "out": Opt(_none_or(str), None, "--export: JSON file to write (default: beside the checkpoint, export.json)"),
+    "out": Opt(_none_or(str), None, "--export: JSON file to write (default: export.json beside the "
+               "checkpoint)"),
 }
 
 
@@ -100,7 +105,8 @@ def run_compare(cfg: dict, argv: list[str] | None) -> Path:
     nfes = parse_nfes(cfg.get("nfes"))
     if not nfes and not runs:
         nfes = [int(cfg["steps"])]
-    out_dir = Path(cfg["out_dir"] or Path("compare") / _stem(cfg) / cfg["solver_name"])
+    default = Path("samples") / _stem(cfg) / f"compare_{cfg['solver_name']}_{cfg['metric']}"
+    out_dir = Path(cfg["out_dir"] or default)
     tab = compare(cfg, model, device, runs, nfes, cfg["metric"], int(cfg["num_samples"]),
                   int(cfg["sampling_batch_size"]))
     save_config(cfg, out_dir / "compare_config.yml")
@@ -117,7 +123,8 @@ def _metric_set(cfg: dict, model) -> set[str]:
     raw = {s.strip() for s in str(cfg["metrics"]).split(",") if s.strip()}
     bad = raw - {"auto", "none", "teacher", "fid", "digits"}
     if bad:
-        raise UserError(f"--metrics: unknown {', '.join(sorted(bad))}; choose from teacher, fid, digits, none, auto")
+        raise UserError(f"--metrics: unknown {', '.join(sorted(bad))}; choose from teacher, fid, digits, "
+                        "none, auto")
     if "none" in raw:
         return set()
     if "auto" in raw:
@@ -152,7 +159,8 @@ def _distances(cfg: dict, device: torch.device) -> dict:
 
 def run_sample(cfg: dict, argv: list[str] | None) -> Path:
     from ld3.data import to_uint8
-    from ld3.evaluate import fresh_noise, sampling_seed, save_grid_png, save_npz, teacher_config, teacher_times
+    from ld3.evaluate import (fresh_noise, sampling_seed, save_grid_png, save_npz, teacher_config,
+                              teacher_times)
 
     check_positive(cfg, "num_samples", "sampling_batch_size")
     steps = check_solver_options(cfg)
@@ -225,8 +233,9 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
                     "t_prime": (tp if tp is not None else t).tolist()}
     if dists and k_teacher > 0:
         tcfg = teacher_config(cfg.get("data_dir"))
-        report["teacher"] = {"solver": tcfg["solver_name"], "nfe": int(tcfg["steps"]), "skip_type": tcfg["skip_type"],
-                             "samples": k_teacher, **{k: v / k_teacher for k, v in sums.items()}}
+        report["teacher"] = {"solver": tcfg["solver_name"], "nfe": int(tcfg["steps"]),
+                             "skip_type": tcfg["skip_type"], "samples": k_teacher,
+                             **{k: v / k_teacher for k, v in sums.items()}}
     if fid is not None:
         report["fid"] = fid(arr)
         report["fid_ref"] = str(cfg["ref_path"])
@@ -250,10 +259,11 @@ def _print_report(r: dict, out_dir: Path) -> None:
         lines.append(f"  FID {r['fid']:.4g} (against {r['fid_ref']})")
     if "digits" in r:
         d = r["digits"]
-        lines.append(f"  digits: Frechet {d['frechet']:.4g} ({d['n']} samples) | floor {d['frechet_floor']:.4g} "
-                     f"(held-out vs train, {d['n_floor']}) | samples at that count {d['frechet_matched']:.4g} | "
-                     f"confident {100 * d['confident_share']:.1f}%")
-        lines.append("  class histogram: " + " ".join(f"{i}:{h:.2f}" for i, h in enumerate(d["class_histogram"])))
+        lines.append(f"  digits: Frechet {d['frechet']:.4g} ({d['n']} samples) | floor "
+                     f"{d['frechet_floor']:.4g} (held-out vs train, {d['n_floor']}) | samples at that count "
+                     f"{d['frechet_matched']:.4g} | confident {100 * d['confident_share']:.1f}%")
+        hist = d["class_histogram"]
+        lines.append("  class histogram: " + " ".join(f"{i}:{h:.2f}" for i, h in enumerate(hist)))
     print("\n".join(lines))
 
 

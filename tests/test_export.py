@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,52 +99,67 @@ def _retrieve():
     return retrieve_timesteps
 
 
-class Recorder(torch.nn.Module):
-    """Wraps a diffusers UNet2DModel and records the timestep of every call."""
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A StableDiffusionPipeline from tiny random components, built offline (no hub download).
 
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.calls = unet, []
+    The UNet records the timestep of every call.
+    """
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    def forward(self, x, t):
-        self.calls.append(float(t))
-        return self.unet(x, t).sample
-
-
-def _tiny_unet():
-    from diffusers import UNet2DModel
-
+    d = tmp_path_factory.mktemp("tokenizer")
+    (d / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "a": 3}))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=8)
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=8, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 8), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=4, attention_head_dim=2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DPMSolverMultistepScheduler(**VP_KW, steps_offset=1),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    calls: list[float] = []
+
+    def record(module, args, kwargs):
+        calls.append(float(args[1] if len(args) > 1 else kwargs["timestep"]))
+
+    unet.register_forward_pre_hook(record, with_kwargs=True)
+    return pipe, calls
 
 
 @pytest.mark.parametrize("kind", ["timesteps", "sigmas"])
-def test_tiny_diffusers_pipeline_uses_exported_schedule(kind):
-    """The denoising loop of diffusers pipelines (retrieve_timesteps + scheduler.step) with a tiny UNet."""
+def test_tiny_diffusers_pipeline_uses_exported_schedule(tiny_sd, kind):
+    """pipe(..., timesteps=...) / pipe(..., sigmas=...) of a Stable Diffusion pipeline with the exported lists."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+    pipe, calls = tiny_sd
     sch = VPDiscreteSchedule.linear(1000)
     t = torch.tensor([1.0, 0.62, 0.3, 0.11, 0.04, 0.001], dtype=torch.float64)
     d = export_dict(t, t, sch, solver="dpm_solver++", order=2)
+    calls.clear()
     if kind == "timesteps":
-        scheduler = DPMSolverMultistepScheduler(**VP_KW, solver_order=2, final_sigmas_type="sigma_min")
-        timesteps, n = _retrieve()(scheduler, timesteps=d["timesteps"])
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, solver_order=2,
+                                                                 use_karras_sigmas=False,
+                                                                 final_sigmas_type="sigma_min")
+        out = pipe("a", timesteps=d["timesteps"], guidance_scale=1.0, height=8, width=8, output_type="np")
         want = [float(k) for k in d["timesteps"]]
+        assert pipe.scheduler.sigmas[-1] == pytest.approx(d["sigmas"][-2], rel=1e-4), "stops at sigma_min"
     else:
-        scheduler = EulerDiscreteScheduler(**VP_KW)
-        timesteps, n = _retrieve()(scheduler, sigmas=d["sigmas"])
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=False)
+        out = pipe("a", sigmas=d["sigmas"], guidance_scale=1.0, height=8, width=8, output_type="np")
         want = sch.model_time(t).tolist()  # S + 1 calls: the last from sigma_min to 0
-        assert scheduler.sigmas.tolist() == pytest.approx(d["sigmas"], rel=1e-5)
-    unet = Recorder(_tiny_unet())
-    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
-    with torch.no_grad():
-        for ts in timesteps:
-            x = scheduler.step(unet(scheduler.scale_model_input(x, ts), ts), ts, x).prev_sample
-    assert n == len(want)
-    assert unet.calls == pytest.approx(want, abs=0.02)
-    assert torch.isfinite(x).all()
+        assert pipe.scheduler.sigmas.tolist() == pytest.approx(d["sigmas"], rel=1e-4)
+    assert calls == pytest.approx(want, abs=0.02)
+    assert out.images.shape == (1, 8, 8, 3) and np.isfinite(out.images).all()
 
 
 def test_diffusers_dpmsolver_reproduces_ld3_solver():

@@ -102,7 +102,8 @@ def make_scorer(metric: str, cfg: dict, model: Model, device: torch.device, z: T
         from ld3.fid import DigitsJudge, is_digits
 
         if not is_digits(model):
-            raise UserError(f"--metric digit_fd needs an 8x8 digits model (digits_gmm, digits_unet), not {model.name}")
+            raise UserError(f"--metric digit_fd needs an 8x8 digits model (digits_gmm, digits_unet), "
+                            f"not {model.name}")
         judge = DigitsJudge(seed=sampling_seed(cfg))
         ref = judge(_quantize(teacher_images(cfg, model, z, c, uc, batch, device, desc="teacher")))
         notes = [f"Floor (held-out real digits vs training digits, {ref['n_floor']} each): "
@@ -111,7 +112,8 @@ def make_scorer(metric: str, cfg: dict, model: Model, device: torch.device, z: T
         def score_fd(im: Tensor) -> float:
             return float(judge(_quantize(im))["frechet"])
 
-        return score_fd, "Frechet distance in the digit classifier's features (samples vs training digits)", notes
+        label = "Frechet distance in the digit classifier's features (samples vs training digits)"
+        return score_fd, label, notes
     raise UserError(f"unknown --metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
@@ -124,7 +126,8 @@ def resolve_nfe(solver: str, nfe: int) -> int:
     """The NFE the solver really makes for a budget (heun: odd numbers only)."""
     real = nfe_of(solver, steps_for_nfe(solver, nfe))
     if real != nfe:
-        log.warning("%s makes %d network evaluations for a budget of %d: the column is NFE %d", solver, real, nfe, real)
+        log.warning("%s makes %d network evaluations for a budget of %d: the column is NFE %d",
+                    solver, real, nfe, real)
     return real
 
 
@@ -138,7 +141,8 @@ def compare(cfg: dict, model: Model, device: torch.device, runs: list[LearnedRun
             log.warning("skipping %s: learned for %s, this table is for %s", r.path, r.solver, solver)
             continue
         if r.order is not None and cfg.get("order") is not None and int(r.order) != int(cfg["order"]):
-            log.warning("%s was learned with order %s; the table uses order %s", r.path, r.order, cfg["order"])
+            log.warning("%s was learned with order %s; the table uses order %s",
+                        r.path, r.order, cfg["order"])
         keep.append(r)
     cols = sorted({resolve_nfe(solver, k) for k in nfes} | {r.nfe for r in keep})
     if not cols:
@@ -168,7 +172,8 @@ def compare(cfg: dict, model: Model, device: torch.device, runs: list[LearnedRun
         tab.cells.setdefault(r.label, {})[r.nfe] = score(im)
         log.info("NFE %d %-14s %.6g", r.nfe, r.label, tab.cells[r.label][r.nfe])
     order = f" order {cfg['order']}" if cfg.get("order") is not None else ""
-    tab.caption = (f"{model.name}, {solver}{order}: {label}; {n} fresh noises (sampling seed {sampling_seed(cfg)}). "
+    tab.caption = (f"{model.name}, {solver}{order}: {label}; {n} fresh noises "
+                   f"(sampling seed {sampling_seed(cfg)}). "
                    "Lower is better; best per column in bold.")
     return tab
 
@@ -234,7 +239,7 @@ def plot(tab: Table, path: Path) -> None:
 
 def write_outputs(tab: Table, out_dir: Path, command: str | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
-    paths = {"csv": out_dir / "comparison.csv", "md": out_dir / "comparison.md", "png": out_dir / "comparison.png"}
+    paths = {k: out_dir / f"comparison.{k}" for k in ("csv", "md", "png")}
     atomic_write_text(paths["csv"], to_csv(tab))
     atomic_write_text(paths["md"], to_markdown(tab, command))
     plot(tab, paths["png"])

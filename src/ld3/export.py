@@ -102,8 +102,8 @@ def read_run(spec: str, schedule: NoiseSchedule, cfg: dict) -> LearnedRun:
     order = run_cfg.get("order", cfg.get("order")) if run_cfg else cfg.get("order")
     nfe = nfe_of(solver, t.numel() - 1)
     if run_cfg.get("steps") is not None and int(run_cfg["steps"]) != nfe:
-        log.info("%s: trained with --steps %s, which is %d NFE for %s with %d steps", ck, run_cfg["steps"], nfe,
-                 solver, t.numel() - 1)
+        log.info("%s: trained with --steps %s, which is %d NFE for %s with %d steps", ck, run_cfg["steps"],
+                 nfe, solver, t.numel() - 1)
     return LearnedRun(label or "LD3", ck, t, tp, solver, None if order is None else int(order), nfe, run_cfg)
 
 
@@ -194,13 +194,13 @@ def export_dict(t: Tensor, tp: Tensor, schedule: NoiseSchedule, *, solver: str, 
                      "final_sigmas_type='sigma_min' to stop there as LD3 does ('zero' denoises fully).")
     if schedule.name == "ve":
         out["edm_karras_ramp"] = karras_ramp(sig, schedule.t_min, schedule.T)
-        notes.append(f"edm_karras_ramp: pass as sigmas= to diffusers' EDMEulerScheduler(sigma_schedule='karras', "
-                     f"sigma_min={schedule.t_min:g}, sigma_max={schedule.T:g}, rho={EDM_RHO:g}), whose sigmas= are "
-                     "ramp positions, not noise levels.")
+        notes.append("edm_karras_ramp: pass as sigmas= to diffusers' EDMEulerScheduler(sigma_schedule="
+                     f"'karras', sigma_min={schedule.t_min:g}, sigma_max={schedule.T:g}, rho={EDM_RHO:g}), "
+                     "whose sigmas= are ramp positions, not noise levels.")
     if decoupled:
-        notes.append(f"Decoupled network times: t' != t (up to {shift:.3g} in lambda). sigmas / timesteps carry only "
-                     "t; diffusers and k-diffusion call the network at the step times, so the t' refinement is "
-                     "lost there (use ld3's solvers with t_prime for LD3's exact sampler).")
+        notes.append(f"Decoupled network times: t' != t (up to {shift:.3g} in lambda). sigmas / timesteps "
+                     "carry only t; diffusers and k-diffusion call the network at the step times, so the t' "
+                     "refinement is lost there (use ld3's solvers with t_prime for LD3's exact sampler).")
     out["note"] = " ".join(notes)
     return out
 

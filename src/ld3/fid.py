@@ -53,12 +53,13 @@ def load_inception(device: torch.device, weights: str | Path | None = None):
     if weights and not path.is_file():
         raise UserError(f"--inception_weights {path} not found; download {INCEPTION_URL} to it")
     try:
+        local = str(path) if path.is_file() else None  # None: torch hub downloads it to its cache
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                          feature_extractor_weights_path=str(path) if path.is_file() else None)
+                                          feature_extractor_weights_path=local)
     except Exception as e:  # noqa: BLE001 - offline download failures come in many types
-        raise UserError(f"FID could not load the Inception weights ({type(e).__name__}): place {INCEPTION_FILE} "
-                        f"(from {INCEPTION_URL}) at {inception_weights_path()}, or pass --inception_weights FILE"
-                        ) from None
+        raise UserError(f"FID could not load the Inception weights ({type(e).__name__}): place "
+                        f"{INCEPTION_FILE} (from {INCEPTION_URL}) at {inception_weights_path()}, or pass "
+                        "--inception_weights FILE") from None
     return net.to(device).eval()
 
 
@@ -69,7 +70,8 @@ def inception_features(imgs: np.ndarray | Tensor, net, device: torch.device, bat
 
     arr = to_uint8(imgs) if isinstance(imgs, Tensor) else np.asarray(imgs)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise UserError(f"FID needs N x H x W x C uint8 images with 1 or 3 channels, got {arr.dtype} {arr.shape}")
+        raise UserError(f"FID needs N x H x W x C uint8 images with 1 or 3 channels, got {arr.dtype} "
+                        f"{arr.shape}")
     out = []
     for i in range(0, len(arr), batch):
         x = torch.from_numpy(arr[i:i + batch]).permute(0, 3, 1, 2).to(device)
@@ -80,7 +82,8 @@ def inception_features(imgs: np.ndarray | Tensor, net, device: torch.device, bat
     return np.concatenate(out)
 
 
-def load_ref_stats(path: str | Path, net=None, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_ref_stats(path: str | Path, net=None,
+                   device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of a reference ``.npz``: its ``mu``/``sigma``, or computed from its ``arr_0`` images."""
     p = Path(path)
     if not p.is_file():
@@ -97,12 +100,13 @@ def load_ref_stats(path: str | Path, net=None, device: torch.device | None = Non
                     raise UserError(f"--ref_path {p} holds images (arr_0) but no mu/sigma")
                 mu, sigma = feature_stats(inception_features(f["arr_0"], net, device or torch.device("cpu")))
             else:
-                raise UserError(f"--ref_path {p} has keys {sorted(keys)}; expected mu and sigma (EDM / ADM format) "
-                                "or arr_0 images")
+                raise UserError(f"--ref_path {p} has keys {sorted(keys)}; expected mu and sigma "
+                                "(EDM / ADM format) or arr_0 images")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"--ref_path {p} is not a readable .npz file ({type(e).__name__})") from None
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise UserError(f"--ref_path {p}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+        raise UserError(f"--ref_path {p}: mu has shape {mu.shape} and sigma {sigma.shape}; "
+                        "expected (D,) and (D, D)")
     return mu, sigma
 
 
@@ -130,8 +134,8 @@ class FID:
             raise UserError("FID needs at least 2 samples (50000 for numbers comparable with papers)")
         mu, sigma = feature_stats(inception_features(imgs, self.net, self.device, self.batch))
         if mu.shape != self.mu.shape:
-            raise UserError(f"--ref_path {self.ref_path} has {self.mu.size}-d statistics but the features are "
-                            f"{mu.size}-d; FID references hold 2048-d Inception pool statistics")
+            raise UserError(f"--ref_path {self.ref_path} has {self.mu.size}-d statistics but the features "
+                            f"are {mu.size}-d; FID references hold 2048-d Inception pool statistics")
         return frechet_from_stats(mu, sigma, self.mu, self.sigma)
 
 
@@ -148,7 +152,8 @@ class DigitsJudge:
         try:
             from models.digit_classifier import load_digit_classifier, load_digits_split
         except ImportError:
-            raise UserError("the digit metrics need models/digit_classifier.py, which this checkout lacks") from None
+            raise UserError("the digit metrics need models/digit_classifier.py, which this checkout "
+                            "lacks") from None
         try:
             self.classifier = load_digit_classifier(device="cpu")
         except FileNotFoundError as e:

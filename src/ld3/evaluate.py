@@ -59,7 +59,7 @@ def fresh_noise(cfg: dict, model: Model, n: int, device: torch.device,
 @torch.no_grad()
 def images(model: Model, spec: SolverSpec, t: Tensor, tp: Tensor | None, z: Tensor, c: Any, uc: Any,
            batch: int, device: torch.device, desc: str | None = None) -> Tensor:
-    """Decoded images in [-1, 1] (CPU) of the noises ``z``, ``batch`` at a time; a progress bar if ``desc``."""
+    """Decoded images in [-1, 1] (CPU) of the noises ``z``, ``batch`` at a time; progress bar if ``desc``."""
     from tqdm import tqdm
 
     roll = Rollout(model, spec)

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Speed and memory of LD3 learning (main.py) and teacher generation (gen_data.py).
+
+    python bench/bench.py            # full: uni_pc and ipndm at NFE 4, 6, 10 (make bench)
+    python bench/bench.py --short    # one solver, one NFE (CI)
+
+Every figure is measured in this run, side by side, on this machine:
+- main.py with the config's defaults (plots on): wall time of the training, time inside network
+  evaluations (forward + backward) and the loss, their ratio (overhead factor), network
+  evaluations per sample (training, latent moves, validation), peak RSS, and the distance to the
+  teacher on fresh noise;
+- peak memory of one training step at NFE 4 and 10, with and without --low_gpu;
+- gen_data.py images/s against the network-only bound (the same batches, no files);
+- how often validation must run (--valid_every) for the selected schedule to stay as good.
+Results: bench/out/bench.md and bench.json, with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+import torch  # noqa: E402
+
+
+def sh(*args: str, env: dict | None = None) -> None:
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, **(env or {})))
+    if r.returncode:
+        sys.exit(f"command failed: {' '.join(args)}\n{r.stderr[-3000:]}")
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+# ------------------------------------------------------------------ memory probe (subprocess)
+def _read_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memprobe(config: str, solver: str, nfe: int, low_gpu: bool, batch: int) -> dict:
+    """Peak memory of one LD3 training step (forward + backward through the solver)."""
+    from ld3.config import parse_config
+    from ld3.discretization import LearnedDiscretization
+    from ld3.runtime import setup_device_and_model
+    from ld3.student import Rollout, SolverSpec
+    from samplers.solvers import steps_for_nfe
+
+    cfg = parse_config(["--all_config", config, "--solver_name", solver, "--steps", str(nfe)])
+    device, model = setup_device_and_model(cfg)
+    disc = LearnedDiscretization(model.schedule, steps_for_nfe(solver, nfe)).to(device)
+    roll = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=low_gpu)
+    z = torch.randn(batch, *model.latent_shape, device=device, requires_grad=True)
+    target = torch.zeros(batch, *model.info.get("img_shape", model.latent_shape), device=device)
+
+    def step():
+        t, tp = disc()
+        loss = (roll(z, t, tp) - target).pow(2).mean()
+        loss.backward()
+
+    step()  # warm-up: allocator pools, lazy inits
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "kind": "cuda allocated"}
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) of this process
+    base = _read_status("VmRSS:")
+    step()
+    return {"peak_mb": (_read_status("VmHWM:") - base) / 2**20, "kind": "RSS above the step's start"}
+
+
+# ------------------------------------------------------------------ pieces of the benchmark
+def teacher_data(config: str, out: Path, n: int) -> Path:
+    sh("gen_data.py", "--all_config", config, "--total_samples", str(n), "--sampling_batch_size", "100",
+       "--steps", "20", "--solver_name", "uni_pc", "--skip_type", "edm", "--save_pt", "--data_dir", str(out))
+    return out / "uni_pc_NFE20_edm_seed0"
+
+
+def gen_speed(config: str, out: Path, n: int) -> dict:
+    """gen_data.py end to end (files written) vs the same batches through the network only."""
+    import shutil
+
+    from ld3.config import parse_config
+    from ld3.data import noise_for_indices
+    from ld3.runtime import baseline_times, setup_device_and_model
+    from ld3.student import Rollout, SolverSpec
+
+    folder = out / "gen"
+    shutil.rmtree(folder, ignore_errors=True)
+    sh("gen_data.py", "--all_config", config, "--total_samples", str(n), "--sampling_batch_size", "100",
+       "--steps", "20", "--solver_name", "uni_pc", "--skip_type", "edm", "--save_pt", "--save_png",
+       "--data_dir", str(folder))
+    stats = json.loads((folder / "uni_pc_NFE20_edm_seed0" / "gen_stats.json").read_text())
+    cfg = parse_config(["--all_config", config, "--steps", "20", "--solver_name", "uni_pc"])
+    device, model = setup_device_and_model(cfg)
+    roll = Rollout(model, SolverSpec.from_cfg(cfg))
+    t = baseline_times(cfg, model, "edm", 20, 20).to(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in range(0, n, 100):
+            z = noise_for_indices(0, range(b, min(n, b + 100)), model.latent_shape).to(device)
+            roll(z, t)
+    bound = n / (time.perf_counter() - t0)
+    return {"images": n, "images_per_s": stats["images_per_s"], "network_only_images_per_s": bound,
+            "ratio": stats["images_per_s"] / bound}
+
+
+def fresh_distance(config: str, run: Path, data: Path, solver: str, nfe: int, n: int) -> float:
+    from ld3.config import parse_config
+    from ld3.data import EVAL_STREAM, noise_for_indices
+    from ld3.discretization import load_learned_times
+    from ld3.evaluate import images, teacher_config
+    from ld3.losses import l2_distance
+    from ld3.runtime import baseline_times, setup_device_and_model
+    from ld3.student import SolverSpec
+
+    cfg = parse_config(["--all_config", config, "--solver_name", solver, "--steps", str(nfe)])
+    device, model = setup_device_and_model(cfg)
+    z = noise_for_indices(cfg["seed"], range(n), model.latent_shape, EVAL_STREAM)
+    tc = teacher_config(data)
+    teacher = images(model, SolverSpec.from_cfg({**cfg, **tc}, tc["solver_name"], tc["order"]),
+                     baseline_times({**cfg, **tc}, model, tc["skip_type"], int(tc["steps"]), int(tc["steps"])),
+                     None, z, None, None, 250, device)
+    t, tp = load_learned_times(run / "best_v2.pt")
+    student = images(model, SolverSpec.from_cfg(cfg), t, tp, z, None, None, 250, device)
+    return float(l2_distance(student, teacher).mean())
+
+
+def train(config: str, data: Path, out: Path, solver: str, nfe: int, *extra: str) -> tuple[Path, dict]:
+    logs = out / ("runs" + "".join(e.strip("-") for e in extra))
+    sh("main.py", "--all_config", config, "--data_dir", str(data), "--solver_name", solver, "--steps", str(nfe),
+       "--log_path", str(logs), *extra)
+    run = max(logs.iterdir(), key=lambda p: p.stat().st_mtime)
+    return run, json.loads((run / "result.json").read_text())
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "digits.yml"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--short", action="store_true", help="one solver, one NFE, no validation study (CI)")
+    ap.add_argument("--n_fresh", type=int, default=200)
+    ap.add_argument("--memprobe", nargs=4, metavar=("SOLVER", "NFE", "LOW_GPU", "BATCH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memprobe:
+        s, n, low, b = args.memprobe
+        print(json.dumps(memprobe(args.config, s, int(n), low == "1", int(b))))
+        return
+    out = Path(args.out)
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    solvers = ["uni_pc"] if args.short else ["uni_pc", "ipndm"]
+    nfes = [4] if args.short else [4, 6, 10]
+    report: dict = {"machine": machine(), "config": args.config, "main": [], "memory": [], "validation": []}
+    t_all = time.time()
+
+    print("teacher data ...", flush=True)
+    data = teacher_data(args.config, out / "data", 100)
+    print("gen_data speed ...", flush=True)
+    report["gen_data"] = gen_speed(args.config, out, 200 if args.short else 1000)
+
+    for solver in solvers:
+        for nfe in nfes:
+            print(f"main.py {solver} NFE {nfe} ...", flush=True)
+            run, res = train(args.config, data, out, solver, nfe)
+            tm = res["timing"]
+            report["main"].append({
+                "solver": solver, "nfe": nfe, "wall_s": tm["wall_train_s"],
+                "network_s": tm["network_forward_s"] + tm["network_backward_s"], "loss_s": tm["loss_s"],
+                "overhead": tm["overhead_factor"], "nfe_per_sample": res["nfe_per_sample"],
+                "peak_rss_mb": res["memory"]["peak_rss_mb"], "steps": res["optimizer_steps"],
+                "fresh_distance": fresh_distance(args.config, run, data, solver, nfe, args.n_fresh)})
+
+    print("memory ...", flush=True)
+    for nfe in (4, 10):
+        for low in (0, 1):
+            # large blocks straight from mmap and back on free: the peak RSS then follows live tensors
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+            r = subprocess.run([sys.executable, __file__, "--config", args.config, "--memprobe", solvers[0],
+                                str(nfe), str(low), "64"], cwd=ROOT, capture_output=True, text=True, env=env)
+            if r.returncode:
+                sys.exit(r.stderr[-2000:])
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            report["memory"].append({"solver": solvers[0], "nfe": nfe, "low_gpu": bool(low), "batch": 64, **m})
+
+    if not args.short:
+        for every in (1, 5, 10, 25):
+            print(f"validation every {every} ...", flush=True)
+            run, res = train(args.config, data, out, "uni_pc", 4, "--valid_every", str(every))
+            report["validation"].append({"valid_every": every, "wall_s": res["timing"]["wall_train_s"],
+                                         "validation_nfe_per_sample": res["nfe_per_sample"]["validation"],
+                                         "fresh_distance": fresh_distance(args.config, run, data, "uni_pc", 4,
+                                                                          args.n_fresh)})
+    report["total_s"] = time.time() - t_all
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    md = to_markdown(report)
+    (out / "bench.md").write_text(md)
+    print(md)
+
+
+def to_markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"Machine: {m['cpus']} CPUs ({m['processor']}), CUDA: {m['cuda'] or 'none'}; Python {m['python']}, "
+             f"torch {m['torch']}; {m['date']}; config {Path(r['config']).name}.", "",
+             "**main.py** (config defaults, plots on):", "",
+             "| solver | NFE | wall (s) | network+loss (s) | overhead | NFE/sample train / moves / valid | "
+             "peak RSS (MB) | fresh distance |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["main"]:
+        n = x["nfe_per_sample"]
+        lines.append(f"| {x['solver']} | {x['nfe']} | {x['wall_s']:.1f} | {x['network_s'] + x['loss_s']:.1f} | "
+                     f"{x['overhead']:.2f} | {n['train']:.0f} / {n['latent_moves']:.0f} / {n['validation']:.0f} | "
+                     f"{x['peak_rss_mb']:.0f} | {x['fresh_distance']:.5f} |")
+    lines += ["", "**Peak memory of one training step** (batch 64):", "", "| NFE | --low_gpu | peak (MB) | measured as |",
+              "|---|---|---|---|"]
+    for x in r["memory"]:
+        lines.append(f"| {x['nfe']} | {x['low_gpu']} | {x['peak_mb']:.1f} | {x['kind']} |")
+    by = {(x["nfe"], x["low_gpu"]): x["peak_mb"] for x in r["memory"]}
+    if (4, True) in by and (10, True) in by and by[(4, True)] > 0:
+        lines.append(f"\nWith --low_gpu, NFE 10 / NFE 4 = {by[(10, True)] / by[(4, True)]:.2f}; without: "
+                     f"{by[(10, False)] / max(by[(4, False)], 1e-9):.2f}.")
+    g = r["gen_data"]
+    lines += ["", f"**gen_data.py**: {g['images_per_s']:.0f} images/s with files written, network-only bound "
+              f"{g['network_only_images_per_s']:.0f} images/s: ratio {g['ratio']:.2f} ({g['images']} images)."]
+    if r["validation"]:
+        lines += ["", "**Validation frequency** (uni_pc NFE 4):", "",
+                  "| valid_every | wall (s) | validation NFE/sample | fresh distance |", "|---|---|---|---|"]
+        for x in r["validation"]:
+            lines.append(f"| {x['valid_every']} | {x['wall_s']:.1f} | {x['validation_nfe_per_sample']:.0f} | "
+                         f"{x['fresh_distance']:.5f} |")
+    lines.append(f"\nBenchmark time: {r['total_s']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,13 @@ import torch
 from models.base import Model
 
 
-class ModelError(Exception):
+try:  # a user mistake: one line, exit status 2, wherever it surfaces (also after loading, e.g. missing prompts)
+    from ld3.config import UserError as _UserFacing
+except ImportError:  # models used without the ld3 package
+    _UserFacing = Exception
+
+
+class ModelError(_UserFacing):
     """A model cannot be built from the given configuration (bad path, bad name)."""
 
 
@@ -39,14 +45,17 @@ def _edm(cfg: dict, device: torch.device) -> Model:
                              "models/weights/digits_edm_unet.safetensors (set ckp_path: embedded)")
         den = load_digits_denoiser(weights, device=str(device))
         return edm_model("digits_unet", den, (den.img_channels, den.img_resolution, den.img_resolution), info={"ckp_path": str(weights or "embedded")})
+    # NVIDIA EDM network pickle (edm-*.pkl), read without the EDM repository
     from models.edm_pickle import load_edm_model
 
     return load_edm_model(path, device)
 
 
-def _not_yet(cfg: dict, device: torch.device) -> Model:
-    raise ModelError(f"model {cfg['model']!r} needs the latent-diffusion loaders, which are not part of this "
-                     "build yet; use model: edm, digits_gmm or gaussian")
+def _latent(cfg: dict, device: torch.device) -> Model:
+    """CompVis latent diffusion / Stable Diffusion: the yaml ``config`` says which (LSUN, ImageNet, SD)."""
+    from models.latent_diffusion import load_latent_diffusion
+
+    return load_latent_diffusion(cfg, device)
 
 
 LOADERS: dict[str, Callable[[dict, torch.device], Model]] = {
@@ -54,8 +63,8 @@ LOADERS: dict[str, Callable[[dict, torch.device], Model]] = {
     "gaussian": _analytic,
     "edm": _edm,
     "digits_unet": _edm,
-    "latent_diff": _not_yet,
-    "conditioned_latent_diff": _not_yet,
+    "latent_diff": _latent,
+    "conditioned_latent_diff": _latent,
 }
 
 

@@ -3,8 +3,8 @@
 
 Sample N images from fresh noise (``--sampling_seed``, drawn apart from the teacher data's noise) with a
 learned run (``--load_from RUN/best_v2.pt``) or a baseline ``--skip_type``; write ``samples.npz``
-(``arr_0``: N x H x W x C uint8), ``grid.png`` and ``metrics.json`` (distance to the teacher, FID,
-digit metrics) into ``--out_dir``:
+(``arr_0``: N x H x W x C uint8), ``grid.png``, ``metrics.json`` (distance to the teacher, FID,
+digit metrics) and, with ``--save_png``, ``images/{index:06d}.png`` into ``--out_dir``:
 
     python3 sample.py --all_config configs/digits_gmm.yml --load_from logs/digits_gmm/RUN/best_v2.pt \
         --num_samples 1000 --out_dir samples/ld3_nfe4
@@ -158,7 +158,7 @@ def _distances(cfg: dict, device: torch.device) -> dict:
 
 
 def run_sample(cfg: dict, argv: list[str] | None) -> Path:
-    from ld3.data import to_uint8
+    from ld3.data import save_png, to_uint8
     from ld3.evaluate import (fresh_noise, sampling_seed, save_grid_png, save_npz, teacher_config,
                               teacher_times)
 
@@ -213,6 +213,9 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
             z, c, uc = fresh_noise(cfg, model, m, device, start)
             img = roll(z.to(device), t.to(device), None if tp is None else tp.to(device), c, uc).clamp(-1, 1)
             chunks.append(to_uint8(img))
+            if cfg.get("save_png"):
+                for j in range(m):
+                    save_png(out_dir / "images", start + j, img[j])
             kt = min(m, k_teacher - start)
             if dists and kt > 0:
                 ti = teacher_roll(z[:kt].to(device), t_teacher.to(device), None,

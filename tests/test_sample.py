@@ -130,3 +130,39 @@ def test_comparison_table_learned_ahead_of_baselines(tmp_path):
     assert f"| LD3 | - | **{ld3:.4g}** |" in md
     assert "Made with `python3 sample.py" in md
     assert (out / "comparison.png").stat().st_size > 1000
+
+
+def test_fid_metric_through_the_cli(tmp_path, monkeypatch):
+    """--metrics fid and --compare --metric fid, with a stand-in feature network (Inception is not shipped)."""
+    import ld3.fid as fid_mod
+    from ld3.metrics import frechet_distance
+    from models.digit_classifier import load_digits_split
+    from tests.test_fid import FakeInception
+
+    net = FakeInception(64)
+    monkeypatch.setattr(fid_mod, "load_inception", lambda device, weights=None: net)
+    ref = to_uint8(load_digits_split()[0])
+    np.savez(tmp_path / "ref.npz", arr_0=ref)  # images only: their statistics are computed
+
+    out = _sample(tmp_path, "f", "--skip_type", "edm", "--steps", "4", "--num_samples", "40", "--metrics", "fid",
+                  "--ref_path", str(tmp_path / "ref.npz"), "--save_png")
+    arr = np.load(out / "samples.npz")["arr_0"]
+
+    def feats(a):
+        return net(torch.from_numpy(a).permute(0, 3, 1, 2).expand(-1, 3, -1, -1))[0].numpy()
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["fid"] == pytest.approx(frechet_distance(feats(arr), feats(ref)), rel=1e-9)
+    assert "teacher" not in m and "digits" not in m
+    from PIL import Image
+
+    assert len(list((out / "images").glob("*.png"))) == 40
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "000007.png")), arr[7, ..., 0])
+
+    cmp_dir = Path(sample.main(["--all_config", CFG, "--compare", "--nfes", "2,4", "--metric", "fid",
+                                "--ref_path", str(tmp_path / "ref.npz"), "--num_samples", "40",
+                                "--out_dir", str(tmp_path / "cmp")]))
+    rows = {r["discretization"]: r for r in csv.DictReader((cmp_dir / "comparison.csv").open())}
+    assert float(rows["edm"]["NFE 4"]) == pytest.approx(m["fid"], rel=1e-9), "same noises in both commands"
+    assert float(rows["time_uniform"]["NFE 2"]) > float(rows["edm"]["NFE 4"])
+    assert "FID from 40 samples" in (cmp_dir / "comparison.md").read_text()

@@ -77,6 +77,8 @@ class NoiseSchedule:
             sig = self.sigma(tt)
             f = torch.autograd.grad(la.sum(), tt, create_graph=t.requires_grad)[0]
             dsig = torch.autograd.grad(sig.sum(), tt, create_graph=t.requires_grad)[0]
+        if not t.requires_grad:  # sig hangs on the private leaf tt: do not hand that graph out
+            sig = sig.detach()
         return f, dsig - sig * f
 
     def __repr__(self) -> str:

@@ -360,7 +360,12 @@ def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc
                x_t = (alpha_t/alpha_s) x_s - sigma_t phi_1 eps_s - sigma_t phi_2 D1 - sigma_t phi_3 D2,
                phi_2 = phi_1/h - 1, phi_3 = phi_2/h - 1/2, Dj = (eps_j - eps_s)/r_j,
                D1 = (r2 Dj1 - r1 Dj2)/(r2 - r1), D2 = 2 (Dj2 - Dj1)/(r2 - r1)
-    (third order for any 0 < r1 < r2 < 1; with r1 = 1/3, r2 = 2/3 it is DPM-Solver-3). NFE = S.
+    The order-3 step is third order (local error O(h^4)) only when r2 = 2/3, whatever r1: eps(u1),
+    u1 being a first-order state (error O(h^2)), enters x_t with the weight
+    sigma_t (r2 phi_2 - 2 phi_3) / (r2 - r1), which is O(h^2) only then; otherwise the step is
+    locally O(h^3). With r1 = 1/3, r2 = 2/3 (the logSNR grid) it is DPM-Solver-3. The intermediate
+    points are the grid's own points, so a learned or non-logSNR grid gets the lower local order.
+    NFE = S.
     """
     if not 1 <= order <= 3:
         raise ValueError(f"dpm_solver supports orders 1-3, got {order}")

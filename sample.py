@@ -172,6 +172,9 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
         run = read_run(cfg["load_from"], model.schedule, cfg)
         if run.solver != solver:
             log.warning("%s was learned for %s; sampling with %s as asked", run.path, run.solver, solver)
+        elif run.order is not None and cfg.get("order") is not None and int(run.order) != int(cfg["order"]):
+            log.warning("%s was learned with order %s; sampling with order %s as asked", run.path, run.order,
+                        cfg["order"])
         t, tp, label = run.t, run.tp, "ld3"
         steps = t.numel() - 1
     else:

@@ -12,6 +12,7 @@ and the ODE keeps (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) constant.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,12 +145,35 @@ def fit_digits_gmm(n_components: int = 40, seed: int = 0, min_var: float = 1e-3)
 _GMM_CACHE: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
 
 
+def _cached_fit(n_components: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``fit_digits_gmm``, cached on disk (EM takes seconds; the fit is deterministic per sklearn version)."""
+    import os
+    from importlib.metadata import version
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ld3"
+    path = root / f"digits_gmm_k{n_components}_s{seed}_sklearn{version("scikit-learn")}.pt"
+    try:
+        d = torch.load(path, weights_only=True)
+        return d["weights"], d["means"], d["variances"]
+    except (OSError, KeyError, RuntimeError, EOFError, ValueError):
+        pass
+    w, m, v = fit_digits_gmm(n_components, seed)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"weights": w, "means": m, "variances": v}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # read-only home: fit again next time
+    return w, m, v
+
+
 def digits_gmm_model(schedule: str | NoiseSchedule = "ve", n_components: int = 40, seed: int = 0) -> Model:
     """Gaussian mixture fitted to the scikit-learn digits, exact denoiser, 1 x 8 x 8."""
     sch = make_schedule(schedule) if isinstance(schedule, str) else schedule
     key = (n_components, seed)
     if key not in _GMM_CACHE:
-        _GMM_CACHE[key] = fit_digits_gmm(n_components, seed)
+        _GMM_CACHE[key] = _cached_fit(n_components, seed)
     w, m, v = _GMM_CACHE[key]
     net = GMMNoise(sch, w, m, v, (1, 8, 8))
     return Model(name="digits_gmm", noise_fn=net, schedule=sch, latent_shape=(1, 8, 8), net=net,

@@ -371,3 +371,73 @@ def test_unknown_globals_are_refused(tmp_path):
     path.write_bytes(pickle.dumps({"ema": _Evil()}))
     with pytest.raises(ModelError, match="does not allow"):
         build_model({"model": "edm", "ckp_path": str(path)}, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- scripts/download_model.sh
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download_model.sh"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _script(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.skipif(__import__("shutil").which("curl") is None, reason="needs curl")
+def test_download_script_targets_resume_and_failures(tmp_path):
+    r = _script("--help")
+    assert r.returncode == 0 and all(t in r.stdout for t in ("cifar10", "ffhq", "afhqv2", "lsun", "imagenet", "sd14",
+                                                             "sd15", "coco", "all"))
+    assert _script("nonsense").returncode == 2 and _script().returncode == 2
+
+    # every checkpoint / FID file the paper's configs name is fetched by some target, to that path
+    r = _script("--dry-run", "--dir", str(tmp_path / "dry"), "all")
+    assert r.returncode == 0, r.stderr
+    for cfg_file in ("cifar10", "ffhq", "afhqv2", "latent_diff_LSUN", "latent_diff_imn", "stable_diff_v1-4",
+                     "stable_diff_v1-5"):
+        cfg = yaml.safe_load((CONFIGS / f"{cfg_file}.yml").read_text())
+        for key in ("ckp_path", "ref_path"):
+            if cfg.get(key):
+                assert f"fetch {cfg[key]} <-" in r.stdout or f"-> {cfg[key]}" in r.stdout, (cfg_file, cfg[key])
+    assert "-> captions_val2014.json" in r.stdout and "pretrained/clip-vit-large-patch14/vocab.json" in r.stdout
+
+    # a local mirror (file:// URLs): resume a partial download, then load what arrived
+    mirror, root = tmp_path / "mirror", tmp_path / "root"
+    (mirror / "pretrained").mkdir(parents=True)
+    (mirror / "fid-refs").mkdir()
+    write_edm_pickle(mirror / "pretrained" / "edm-cifar10-32x32-uncond-vp.pkl")
+    np.savez(mirror / "fid-refs" / "cifar10-32x32.npz", mu=np.zeros(4), sigma=np.eye(4))
+    full = (mirror / "pretrained" / "edm-cifar10-32x32-uncond-vp.pkl").read_bytes()
+    (root / "pretrained").mkdir(parents=True)
+    (root / "pretrained" / "edm-cifar10-32x32-uncond-vp.pkl.part").write_bytes(full[:1000])
+    env = {"LD3_MIRROR": mirror.as_uri()}
+    r = _script("--dir", str(root), "cifar10", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (root / "pretrained" / "edm-cifar10-32x32-uncond-vp.pkl").read_bytes() == full
+    assert not (root / "pretrained" / "edm-cifar10-32x32-uncond-vp.pkl.part").exists()
+    model = build_model({"model": "edm", "ckp_path": str(root / "pretrained" / "edm-cifar10-32x32-uncond-vp.pkl")},
+                        torch.device("cpu"))
+    assert model.latent_shape == (3, 8, 8)
+    r = _script("--dir", str(root), "cifar10", env=env)
+    assert r.returncode == 0 and r.stdout.count("already there") == 2
+
+    # a file the source does not have: named in the summary, exit status 1; wrong content is refused
+    (root / "fid-refs" / "cifar10-32x32.npz").unlink()
+    (mirror / "fid-refs" / "cifar10-32x32.npz").write_text("<html>not found</html>")
+    r = _script("--dir", str(root), "cifar10", env=env)
+    assert r.returncode == 1 and "FAILED fid-refs/cifar10-32x32.npz" in r.stdout and "not a zip file" in r.stdout
+    assert not (root / "fid-refs" / "cifar10-32x32.npz").exists()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "ffhq", "afhqv2"])
+def test_paper_configs_name_their_download(name, tmp_path, monkeypatch):
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yml").read_text())
+    monkeypatch.chdir(tmp_path)
+    if Path(cfg["ckp_path"]).exists():
+        pytest.skip("checkpoint present")
+    with pytest.raises(ModelError) as e:
+        build_model(cfg, torch.device("cpu"))
+    assert cfg["ckp_path"] in str(e.value) and f"bash scripts/download_model.sh {name}" in str(e.value)

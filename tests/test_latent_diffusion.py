@@ -513,3 +513,26 @@ def test_low_gpu_checkpointing_lowers_peak_memory(tmp_path, capsys):
               f"saved activations {saved_full / 1e6:.2f} MB -> {saved_ckpt / 1e6:.3f} MB")
     assert peak_ckpt < 0.6 * peak_full
     assert saved_ckpt < 0.1 * saved_full
+
+
+# --------------------------------------------------------------------------- the paper's configs
+@pytest.mark.parametrize("name,target,latent,img", [
+    ("latent_diff_LSUN", "lsun", (3, 64, 64), (3, 256, 256)),
+    ("latent_diff_imn", "imagenet", (3, 64, 64), (3, 256, 256)),
+    ("stable_diff_v1-4", "sd14", (4, 64, 64), (3, 512, 512)),
+    ("stable_diff_v1-5", "sd15", (4, 64, 64), (3, 512, 512)),
+])
+def test_paper_configs_use_the_shipped_yamls(name, target, latent, img, tmp_path, monkeypatch):
+    from models.latent_diffusion import shapes
+
+    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yml").read_text())
+    params = read_yaml(ROOT / cfg["config"])
+    uspec = UNetSpec.from_params(params["unet_config"]["params"])
+    fspec = AutoencoderSpec.from_config(params["first_stage_config"])
+    assert shapes(cfg, params, uspec, fspec) == (latent, img)
+    monkeypatch.chdir(tmp_path)  # checkpoints are not in the repository: the error names file and command
+    if (ROOT / cfg["ckp_path"]).exists():
+        pytest.skip(f"{cfg['ckp_path']} is present")
+    with pytest.raises(ModelError) as e:
+        build_model(cfg, CPU)
+    assert cfg["ckp_path"] in str(e.value) and f"bash scripts/download_model.sh {target}" in str(e.value)

@@ -151,7 +151,7 @@ def _cached_fit(n_components: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     from importlib.metadata import version
 
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ld3"
-    path = root / f"digits_gmm_k{n_components}_s{seed}_sklearn{version("scikit-learn")}.pt"
+    path = root / f"digits_gmm_k{n_components}_s{seed}_sklearn{version('scikit-learn')}.pt"
     try:
         d = torch.load(path, weights_only=True)
         return d["weights"], d["means"], d["variances"]

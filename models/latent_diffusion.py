@@ -811,7 +811,10 @@ def _load(cfg: dict) -> Model:
     fspec = AutoencoderSpec.from_config(params["first_stage_config"])
     latent_shape, img_shape = shapes(cfg, params, uspec, fspec)
     log.info("reading %s", ckp)
-    state = read_state_dict(ckp)
+    try:
+        state = read_state_dict(ckp)
+    except LDMError as e:
+        raise LDMError(f"{e}; download it again with `{download_hint(ckp, params)}`") from None
     schedule = schedule_from(params, state)
     unet = build_unet(uspec, state, bool(cfg.get("use_ema", False)))
     scale_factor = float(params.get("scale_factor", 1.0))

@@ -455,6 +455,14 @@ def test_missing_checkpoint_or_config_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(e in err[0] for e in expect), err
 
+    # a file that is not a checkpoint (an HTML error page saved under the right name)
+    missing.parent.mkdir(parents=True)
+    missing.write_text("<html>403 Forbidden</html>")
+    cfg = _cli_config(tmp_path, w, "bad", ckp_path=str(missing))
+    assert run_cli(gen_data.main, ["--all_config", str(cfg), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and "bash scripts/download_model.sh lsun" in err[0], err
+
     # a yaml that does not describe the checkpoint: one line naming the mismatch
     params = lsun_params()
     params["unet_config"]["params"]["num_res_blocks"] = 2

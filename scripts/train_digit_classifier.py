@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         training=dict(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, shift_prob=args.shift_prob, threads=args.threads,
                       optimizer="Adam + OneCycleLR", torch=torch.__version__,
-                      command="python scripts/train_digit_classifier.py " + " ".join(argv or sys.argv[1:])),
+                      command=shlex.join(["python", "scripts/train_digit_classifier.py",
+                                          *(sys.argv[1:] if argv is None else argv)])),
         **figures,
     )
     card = write_weights(net.state_dict(), args.out, card)

@@ -13,8 +13,9 @@ At the end the EMA model draws ``--eval_samples`` digits with a deterministic ED
 sampler (``--eval_steps`` steps, rho = 7, sigma 80 -> 0.002 -> 0), the digit classifier
 scores them (``ld3.metrics.digit_quality``), and the figures go into the JSON card beside
 the weights. The run is deterministic for a given ``--seed``/``--iters``/``--threads``
-on one machine and library version; ``--minutes`` only caps the wall time (a run stopped
-by it is not reproducible by seed alone, the card records the iterations reached).
+on one machine and library version; ``--minutes`` only caps the wall time: a run it stops
+is reproduced by ``--stop_after N`` (same learning-rate schedule, stop after N iterations),
+which the card's ``reproduce`` command spells out.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import copy
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,8 @@ from ld3.metrics import digit_quality  # noqa: E402
 from models.digit_classifier import (DEFAULT_CLASSIFIER_WEIGHTS, SPLIT_SEED, VALID_FRACTION,  # noqa: E402
                                      load_digit_classifier, load_digits_split)
 from models.digits_unet import (DEFAULT_ARCH, DEFAULT_WEIGHTS, DIGITS_IMG_SHAPE, SIGMA_DATA,  # noqa: E402
-                                DigitsDenoiser, count_parameters, sha256_of, write_weights)
+                                DigitsDenoiser, count_parameters, load_digits_denoiser, sha256_of,
+                                write_weights)
 
 log = logging.getLogger("train_digits_model")
 
@@ -118,9 +121,12 @@ def write_test_reference(net: DigitsDenoiser, weights_sha256: str, path: Path) -
     with torch.no_grad():
         outs = torch.stack([net(x * max(float(s), 1.0), s) for s in sig])
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"x": x, "sigmas": sig, "d": outs.contiguous()}, str(path),
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"x": x, "sigmas": sig, "d": outs.contiguous()}, str(tmp),
               metadata={"weights_sha256": weights_sha256,
                         "note": "d[i] = D(x * max(sigmas[i], 1), sigmas[i]) of the shipped EMA weights"})
+    tmp.chmod(0o644)
+    tmp.replace(path)
 
 
 def time_calls(net: DigitsDenoiser, batch_sizes: tuple[int, ...] = (1, 10, 100),
@@ -180,7 +186,8 @@ def train(args: argparse.Namespace) -> tuple[DigitsDenoiser, dict]:
     t0 = time.perf_counter()
     perm, pos, it, running = torch.randperm(len(x_tr), generator=gen), 0, 0, 0.0
     stopped_by_time = False
-    while it < args.iters:
+    last = min(args.iters, args.stop_after or args.iters)
+    while it < last:
         if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
             stopped_by_time = True
             log.warning("wall-time cap of %.1f minutes reached at iteration %d of %d", args.minutes, it, args.iters)
@@ -210,7 +217,7 @@ def train(args: argparse.Namespace) -> tuple[DigitsDenoiser, dict]:
                      args.iters, running, opt.param_groups[0]["lr"], 1e3 * el / it, el / 60,
                      el / it * (args.iters - it) / 60)
     seconds = time.perf_counter() - t0
-    figures = dict(iters=it, images_seen=it * args.batch_size, train_seconds=round(seconds, 1),
+    figures = dict(iters_planned=args.iters, iters=it, images_seen=it * args.batch_size, train_seconds=round(seconds, 1),
                    stopped_by_time=stopped_by_time, final_loss_smoothed=round(running, 5))
     return ema, figures
 
@@ -233,11 +240,75 @@ def evaluate(net: DigitsDenoiser, classifier_path: Path, num_samples: int, steps
     return q, images
 
 
+def evaluate_seeds(net: DigitsDenoiser, classifier_path: Path, num_samples: int, steps: int,
+                   num_seeds: int) -> dict:
+    """Spread of the quality figures over noise seeds 0..num_seeds-1 (and the floor over train subsets).
+
+    The Frechet figures at a few hundred samples are noisy (class proportions alone move them a
+    lot), so one seed is not enough to judge the model; this reports mean, min and max.
+    """
+    clf = load_digit_classifier(classifier_path)
+    keys = ("confident_share", "frechet", "frechet_matched", "frechet_ratio", "min_class_share", "max_class_share")
+    rows: dict[str, list[float]] = {k: [] for k in keys}
+    floors, failing = [], []
+    for seed in range(num_seeds):
+        z = torch.randn(num_samples, *DIGITS_IMG_SHAPE, generator=torch.Generator().manual_seed(seed))
+        q = digit_quality(heun_sample(net, z, num_steps=steps), clf, seed=seed)
+        q["min_class_share"], q["max_class_share"] = min(q["class_histogram"]), max(q["class_histogram"])
+        q["frechet_ratio"] = q["frechet_matched"] / q["frechet_floor"]
+        for k in keys:
+            rows[k].append(float(q[k]))
+        floors.append(q["frechet_floor"])
+        if not (q["confident_share"] >= 0.93 and q["min_class_share"] >= 0.05 and q["max_class_share"] <= 0.15
+                and q["frechet_ratio"] <= 3.0):
+            failing.append(seed)
+    summary: dict = {k: dict(mean=round(sum(v) / len(v), 4), min=round(min(v), 4), max=round(max(v), 4))
+                     for k, v in rows.items()}
+    summary["frechet_floor"] = dict(mean=round(sum(floors) / len(floors), 4), min=round(min(floors), 4),
+                                    max=round(max(floors), 4))
+    summary.update(num_seeds=num_seeds, num_samples=num_samples, seeds_missing_a_target=failing,
+                   note="seed s: noise seed s for the samples and train-subset seed s for the Frechet "
+                        "reference and floor (frechet_ratio = frechet_matched / frechet_floor of that seed)")
+    return summary
+
+
+def train_and_save(args: argparse.Namespace, argv: list[str] | None) -> tuple[DigitsDenoiser, dict]:
+    """Train, write the EMA weights and their card; return the EMA network and the card."""
+    ema, figures = train(args)
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    cmd = shlex.join(["python", "scripts/train_digits_model.py", *argv_used])
+    # The command that gives these exact weights again: a wall-time stop becomes an iteration stop.
+    repro = [a for i, a in enumerate(argv_used)
+             if not (a.startswith("--minutes") or (i > 0 and argv_used[i - 1] == "--minutes"))]
+    if figures["iters"] < args.iters and not args.stop_after:
+        repro += ["--stop_after", str(figures["iters"])]
+    repro = shlex.join(["python", "scripts/train_digits_model.py", *repro])
+    card = dict(
+        model="DigitsDenoiser (EDM preconditioning around DigitsUNet)", arch=ema.arch, sigma_data=SIGMA_DATA,
+        params=count_parameters(ema), img_shape=[ema.img_channels, 8, 8],
+        data=dict(source="sklearn.datasets.load_digits", split="train", split_seed=SPLIT_SEED,
+                  valid_fraction=VALID_FRACTION, scaling="x / 8 - 1 (grey levels 0..16 -> [-1, 1])",
+                  augmentation="none"),
+        training=dict(seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                      lr_schedule="linear warm-up, cosine decay to 5%", optimizer="Adam(0.9, 0.999)",
+                      ema_halflife_kimg=args.ema_halflife_kimg, ema_rampup=args.ema_rampup,
+                      P_mean=P_MEAN, P_std=P_STD, loss_weight="(s^2 + sd^2) / (s sd)^2",
+                      threads=args.threads, torch=torch.__version__, command=cmd, reproduce=repro,
+                      saved="EMA weights", **figures),
+    )
+    card = write_weights(ema.state_dict(), args.out, card)
+    log.info("wrote %s (%d bytes, sha256 %s)", args.out, card["file_bytes"], card["sha256"])
+    return ema, card
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iters", type=int, default=18000, help="optimizer steps (the reproducible budget)")
     ap.add_argument("--minutes", type=float, default=0.0, help="optional wall-time cap (0: none)")
+    ap.add_argument("--stop_after", type=int, default=0,
+                    help="stop after this many iterations, keeping the learning-rate schedule of --iters "
+                         "(reproduces a run that --minutes stopped early)")
     ap.add_argument("--batch_size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=500)
@@ -253,36 +324,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval_samples", type=int, default=1000)
     ap.add_argument("--eval_steps", type=int, default=32, help="Heun steps of the quality check")
     ap.add_argument("--eval_seed", type=int, default=0)
+    ap.add_argument("--eval_seeds", type=int, default=10,
+                    help="also summarise the quality over this many noise seeds (0: skip)")
+    ap.add_argument("--eval_only", action="store_true",
+                    help="do not train: re-measure the weights at --out and update their JSON card")
     ap.add_argument("--no_bench", action="store_true", help="skip timing the network calls")
     ap.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER_WEIGHTS)
     ap.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
-    ap.add_argument("--samples_png", type=Path, default=ROOT / "docs" / "digits_samples.png")
-    ap.add_argument("--test_reference", type=Path, default=DEFAULT_TEST_REFERENCE,
+    ap.add_argument("--samples_png", default=str(ROOT / "docs" / "digits_samples.png"),
+                    help="PNG grid of the first 100 samples ('' to skip)")
+    ap.add_argument("--test_reference", default=str(DEFAULT_TEST_REFERENCE),
                     help="where to store the regression-test reference outputs ('' to skip)")
     args = ap.parse_args(argv)
     args.channel_mult = [int(m) if float(m).is_integer() else m for m in args.channel_mult]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
 
-    ema, figures = train(args)
-    cmd = "python scripts/train_digits_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    card = dict(
-        model="DigitsDenoiser (EDM preconditioning around DigitsUNet)", arch=ema.arch, sigma_data=SIGMA_DATA,
-        params=count_parameters(ema), img_shape=[ema.img_channels, 8, 8],
-        data=dict(source="sklearn.datasets.load_digits", split="train", split_seed=SPLIT_SEED,
-                  valid_fraction=VALID_FRACTION, scaling="x / 8 - 1 (grey levels 0..16 -> [-1, 1])",
-                  augmentation="none"),
-        training=dict(seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                      lr_schedule="linear warm-up, cosine decay to 5%", optimizer="Adam(0.9, 0.999)",
-                      ema_halflife_kimg=args.ema_halflife_kimg, ema_rampup=args.ema_rampup,
-                      P_mean=P_MEAN, P_std=P_STD, loss_weight="(s^2 + sd^2) / (s sd)^2",
-                      threads=args.threads, torch=torch.__version__, command=cmd, saved="EMA weights", **figures),
-    )
-    card = write_weights(ema.state_dict(), args.out, card)
-    log.info("wrote %s (%d bytes, sha256 %s)", args.out, card["file_bytes"], card["sha256"])
+    if args.eval_only:
+        ema = load_digits_denoiser(args.out)
+        card = json.loads(args.out.with_suffix(".json").read_text())
+        if card.get("sha256") != sha256_of(args.out):
+            log.error("%s does not match the sha256 in its card; retrain instead of --eval_only", args.out)
+            return 2
+    else:
+        ema, card = train_and_save(args, argv)
 
     quality, images = evaluate(ema, args.classifier, args.eval_samples, args.eval_steps, args.eval_seed)
     card["quality"] = quality
+    if args.eval_seeds:
+        card["quality_over_seeds"] = evaluate_seeds(ema, args.classifier, args.eval_samples, args.eval_steps,
+                                                    args.eval_seeds)
     if not args.no_bench:
         card["speed"] = dict(note="median ms per call of D on this machine (2 shared CPU cores), x of shape "
                                   "B x 1 x 8 x 8; backward to x only", calls=time_calls(ema))
@@ -291,10 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     jpath = args.out.with_suffix(".json")
     jpath.write_text(json.dumps(card, indent=2) + "\n")
     if args.samples_png:
-        save_grid(images[:100], args.samples_png)
+        save_grid(images[:100], Path(args.samples_png))
         log.info("wrote %s", args.samples_png)
-    if args.test_reference and str(args.test_reference):
-        write_test_reference(ema, card["sha256"], args.test_reference)
+    if args.test_reference and not args.eval_only:
+        write_test_reference(ema, card["sha256"], Path(args.test_reference))
         log.info("wrote %s", args.test_reference)
 
     q = quality
@@ -305,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
           f"floor (held-out vs train): {q['frechet_floor']:.3f}; ratio {q['frechet_ratio']:.2f}x (target <= 3x)")
     print(f"  Frechet, {q['n']} samples vs {q['n']} train digits: {q['frechet']:.3f}")
     print(f"  all targets met: {q['targets_met']}")
+    if "quality_over_seeds" in card and args.eval_seeds:
+        m = card["quality_over_seeds"]
+        print(f"over {m['num_seeds']} noise seeds (mean [min, max]): confident {m['confident_share']}, "
+              f"ratio {m['frechet_ratio']}, Frechet({q['n']}) {m['frechet']}, floor {m['frechet_floor']}, "
+              f"seeds missing a target: {m['seeds_missing_a_target']}")
     return 0
 
 

@@ -29,7 +29,7 @@ def index_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
-def _no_condition(indices: Sequence[int], seed: int = 0, device: Any = None) -> tuple[Any, Any]:
+def _no_condition(indices: Sequence[int], seed: int = 0, device: Any = None, balanced: bool = False) -> tuple[Any, Any]:
     return None, None
 
 
@@ -42,8 +42,9 @@ class Model:
     - ``schedule``: the noise schedule; ``prior`` turns unit noise into ``x_T``.
     - ``latent_shape``: C, H, W of the state the solvers integrate.
     - ``decode(latent) -> image in [-1, 1]`` (identity for pixel models).
-    - ``conditions(indices, seed, device) -> (cond, uc)``, one row per sample index, drawn
-      from the index alone (None, None when unconditional).
+    - ``conditions(indices, seed, device, balanced=False) -> (cond, uc)``, one row per sample
+      index, drawn from the index alone (None, None when unconditional); ``balanced``: classes
+      uniform over indices (evaluation).
     - ``time_mode``: 'lambda' (pixel/EDM) or 'time' (latent) parameterization of LD3.
     - ``net``: the underlying ``nn.Module`` if any (for checkpointing, device moves).
     """
@@ -84,10 +85,12 @@ def edm_model(name: str, denoiser: nn.Module, img_shape: tuple[int, int, int], l
     """Wrap an EDM denoiser ``D(x, sigma, class_labels)`` as a ``Model`` on the VE schedule."""
     wrapper = EDMNoise(denoiser, label_dim)
 
-    def conditions(indices: Sequence[int], seed: int = 0, device: Any = None):
+    def conditions(indices: Sequence[int], seed: int = 0, device: Any = None, balanced: bool = False):
+        """One-hot labels: drawn per sample index, or ``index % label_dim`` when ``balanced`` (evaluation)."""
         if not label_dim:
             return None, None
-        idx = [int(torch.randint(label_dim, (1,), generator=index_generator(seed, i, stream=1))) for i in indices]
+        idx = [i % label_dim if balanced else
+               int(torch.randint(label_dim, (1,), generator=index_generator(seed, i, stream=1))) for i in indices]
         return torch.eye(label_dim)[idx].to(device), None
 
     return Model(name=name, noise_fn=wrapper, schedule=VESchedule(sigma_min, sigma_max),

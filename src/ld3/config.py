@@ -66,7 +66,7 @@ OPTIONS: dict[str, Opt] = {
     "f": Opt(_none_or(int), None, "autoencoder down-sampling factor (latent side = H // f)"),
     "schedule": Opt(str, "ve", "noise schedule of analytic models: ve or vp_discrete (ours)"),
     "dataset": Opt(str, "digits", "dataset name (GITS tables, plots)"),
-    "use_ema": Opt(str2bool, True, "use the EMA weights of a latent diffusion checkpoint"),
+    "use_ema": Opt(str2bool, False, "use the EMA weights of a latent diffusion checkpoint (the paper's code never does)"),
     "scale": Opt(float, 1.0, "classifier-free guidance scale"),
     "num_prompts": Opt(int, 5, "Stable Diffusion: number of prompts read from prompt_path"),
     "prompt_path": Opt(_none_or(str), None, "Stable Diffusion: MS-COCO captions json"),

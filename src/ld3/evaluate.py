@@ -52,7 +52,7 @@ def fresh_noise(cfg: dict, model: Model, n: int, device: torch.device,
     seed = sampling_seed(cfg)
     idx = list(range(start, start + n))
     z = noise_for_indices(seed, idx, model.latent_shape, EVAL_STREAM)
-    c, uc = model.conditions(idx, seed, device)
+    c, uc = model.conditions(idx, seed, device, balanced=True)  # class labels uniform over classes
     return z, c, uc
 
 

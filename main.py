@@ -108,14 +108,6 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
         if phase == 1 and tr.best_v1 is not None:
             atomic_torch_save(tr.best_v1, run_dir / "best_v1.pt")
         atomic_torch_save(checkpoint_dict(tr.disc), run_dir / "best_v2.pt")
-        if cfg["visualize"]:
-            from ld3.plots import plot_curves, plot_schedule
-
-            with torch.no_grad():
-                t, tp = tr.disc()
-            plot_schedule(model.schedule, t.cpu(), tp.cpu(), run_dir / "schedule.png",
-                          f"{cfg['solver_name']} NFE {nfe}: learned vs baselines")
-            plot_curves(tr.history, run_dir / "curves.png")
         save_history(tr.history, run_dir / "history.json")
 
     t_start = time.perf_counter()
@@ -142,6 +134,12 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
     atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
     with torch.no_grad():
         t, tp = disc()
+    if cfg["visualize"]:  # drawn once, at the end (the paper's code redraws at every new best)
+        from ld3.plots import plot_curves, plot_schedule
+
+        plot_schedule(model.schedule, t.cpu(), tp.cpu(), run_dir / "schedule.png",
+                      f"{cfg['solver_name']} NFE {nfe}: learned vs baselines")
+        plot_curves(trainer.history, run_dir / "curves.png")
     wall = time.perf_counter() - t_train
     net, loss = rollout.fn.clock, trainer.distance.clock
     busy = net.total_s + loss.total_s

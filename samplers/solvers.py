@@ -45,12 +45,16 @@ class Grid:
         if self.tp.shape != self.t.shape:
             raise ValueError(f"t_prime has shape {tuple(self.tp.shape)}, t has {tuple(self.t.shape)}")
         self.schedule = schedule
-        self.alpha = schedule.alpha(self.t)
-        self.sigma = schedule.sigma(self.t)
-        self.lam = schedule.lambda_(self.t)
-        self.model_fn, self.cond, self.uc = model_fn, cond, uc
         self.batch = x.shape[0]
         self.steps = self.t.numel() - 1
+        alpha, sigma = schedule.alpha(self.t), schedule.sigma(self.t)
+        # Per-point scalars as tuples (one unbind each): indexing a tuple costs no autograd node,
+        # where indexing a tensor adds a select (and a zeros + copy in backward) at every use.
+        self.alpha, self.sigma = alpha.unbind(), sigma.unbind()
+        self.lam = schedule.lambda_(self.t).unbind()
+        self.s = (sigma / alpha).unbind()  # EDM noise level sigma/alpha
+        self.t, self.tp = self.t.unbind(), self.tp.unbind()
+        self.model_fn, self.cond, self.uc = model_fn, cond, uc
 
     def eps(self, x: Tensor, i: int) -> Tensor:
         """Noise prediction at (x, t'_i)."""
@@ -276,9 +280,8 @@ def ipndm_step(g: Grid, y: Tensor, eps_hist: list[Tensor], i: int, k: int) -> Te
 
     y_{i+1} = y_i + (s_{i+1} - s_i) sum_j w^k_j eps_{i-j}. No network call.
     """
-    s = g.sigma / g.alpha
     d = sum(w * e for w, e in zip(IPNDM_WEIGHTS[k], eps_hist))
-    return y + (s[i + 1] - s[i]) * d
+    return y + (g.s[i + 1] - g.s[i]) * d
 
 
 def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None, lower_order_final=False, **_):

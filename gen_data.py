@@ -14,7 +14,8 @@ import json
 import logging
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
@@ -31,6 +32,24 @@ from ld3.runtime import (baseline_times, check_positive, check_solver_options, d
 from ld3.student import Rollout, SolverSpec  # noqa: E402
 
 log = logging.getLogger("ld3")
+
+
+def write_batch(out: Path, idx: list[int], z, img, c, uc, pt: bool, png: bool) -> None:
+    """Write one batch of samples (runs in the writer process or thread)."""
+    for j, i in enumerate(idx):
+        if pt:
+            save_sample(out, i, z[j], img[j], None if c is None else c[j], None if uc is None else uc[j])
+        if png:
+            save_png(out, i, img[j])
+
+
+def file_writer(device: torch.device) -> Executor:
+    """Where files are written while the next batch computes. On the CPU a forked process (the
+    network and the pickling would otherwise share one interpreter lock); with CUDA a thread (the
+    main thread mostly waits on the device, and CUDA state must not be forked)."""
+    if device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods():
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    return ThreadPoolExecutor(max_workers=1)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -76,26 +95,19 @@ def main(argv: list[str] | None = None) -> Path:
         log.info("%d of %d samples already in %s; generating the other %d", n - len(todo), n, out, len(todo))
     rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=False)
     t_start = time.perf_counter()
-
-    def write(idx: list[int], z, img, c, uc) -> None:
-        for j, i in enumerate(idx):
-            if cfg["save_pt"]:
-                save_sample(out, i, z[j], img[j], None if c is None else c[j], None if uc is None else uc[j])
-            if cfg["save_png"]:
-                save_png(out, i, img[j])
-
-    # Files are written by one background thread while the next batch is computed (at most two
+    # Files are written by a background writer while the next batch is computed (at most two
     # batches wait), so the time a user waits is the network's.
     pending: list[Future] = []
     with torch.no_grad(), tqdm(total=len(todo), desc="teacher", unit="img", disable=None) as bar, \
-            ThreadPoolExecutor(max_workers=1) as writer:
+            file_writer(device) as writer:
         for b in range(0, len(todo), bs):
             idx = todo[b:b + bs]
             z = noise_for_indices(seed, idx, model.latent_shape).to(device)
             c, uc = model.conditions(idx, seed, device)
             img = rollout(z, t.to(device), None if tp is None else tp.to(device), c, uc).clamp(-1, 1)
             cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
-            pending.append(writer.submit(write, idx, cpu(z), cpu(img), cpu(c), cpu(uc)))
+            pending.append(writer.submit(write_batch, out, idx, cpu(z), cpu(img), cpu(c), cpu(uc),
+                                         bool(cfg["save_pt"]), bool(cfg["save_png"])))
             while len(pending) > 2 or (pending and pending[0].done()):
                 pending.pop(0).result()
             bar.update(len(idx))

@@ -29,7 +29,7 @@ from torch import Tensor
 from ld3.config import UserError
 from ld3.evaluate import baseline_names, fresh_noise, images, sampling_seed, teacher_config, teacher_images
 from ld3.export import LearnedRun
-from ld3.io import atomic_save_figure, atomic_write_text
+from ld3.io import atomic_write_text
 from ld3.runtime import baseline_times, check_solver_options
 from ld3.student import SolverSpec
 from models.base import Model
@@ -213,10 +213,7 @@ def to_csv(tab: Table) -> str:
 
 
 def plot(tab: Table, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ld3.plots import plt, save_and_close
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for row, vals in tab.cells.items():
@@ -232,9 +229,7 @@ def plot(tab: Table, path: Path) -> None:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    save_and_close(fig, path)
 
 
 def write_outputs(tab: Table, out_dir: Path, command: str | None = None) -> dict[str, Path]:

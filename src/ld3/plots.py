@@ -15,6 +15,13 @@ from samplers.discretizations import SKIP_TYPES  # noqa: E402
 from samplers.schedules import NoiseSchedule  # noqa: E402
 
 
+def save_and_close(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write atomically, and free a figure."""
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_schedule(schedule: NoiseSchedule, t: torch.Tensor, tp: torch.Tensor, path: Path, title: str = "") -> None:
     """lambda(t_i) of the learned discretization (and of t'_i) against the baseline schedules."""
     steps = t.numel() - 1
@@ -29,9 +36,7 @@ def plot_schedule(schedule: NoiseSchedule, t: torch.Tensor, tp: torch.Tensor, pa
     ax.set_title(title or f"learned discretization, {steps} steps")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    save_and_close(fig, path)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -54,9 +59,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    save_and_close(fig, path)
 
 
 def image_grid(rows: list[torch.Tensor], labels: list[str], path: Path, scale: int = 3) -> None:
@@ -76,6 +79,4 @@ def image_grid(rows: list[torch.Tensor], labels: list[str], path: Path, scale: i
         ax.set_ylabel(lab, rotation=0, ha="right", va="center", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=100)
-    plt.close(fig)
+    save_and_close(fig, path, dpi=100)

@@ -28,7 +28,7 @@ from ld3.config import UserError, parse_config, run_cli, save_config, setup_logg
 from ld3.io import atomic_write_text, remove_stale_temporaries  # noqa: E402
 from ld3.data import noise_for_indices, sample_path, save_png, save_sample  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options, data_folder_name,  # noqa: E402
-                         load_times, setup_device_and_model)
+                         gits_prior, load_times, setup_device_and_model)
 from ld3.student import Rollout, SolverSpec  # noqa: E402
 
 log = logging.getLogger("ld3")
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> Path:
         t, tp = load_times(cfg["load_from"], model)
         steps = t.numel() - 1
         label = "ld3"
+    elif cfg.get("gits_ts") or cfg.get("use_gits"):  # the paper's prior schedule, t' = t
+        t, tp, label = gits_prior(cfg, model, steps), None, cfg.get("skip_type") or "gits"
     else:
         t = baseline_times(cfg, model, cfg["skip_type"], steps, nfe)
         tp, label = None, cfg["skip_type"]

@@ -65,7 +65,8 @@ OPTIONS: dict[str, Opt] = {
     "C": Opt(_none_or(int), None, "latent channels (latent models)"),
     "f": Opt(_none_or(int), None, "autoencoder down-sampling factor (latent side = H // f)"),
     "schedule": Opt(str, "ve", "noise schedule of analytic models: ve or vp_discrete (ours)"),
-    "dataset": Opt(str, "digits", "dataset name (GITS tables, plots)"),
+    "dataset": Opt(_none_or(str), None, "which GITS table (cifar10, ffhq, afhqv2, lsun, sd); default: inferred "
+                   "from model and ckp_path as the paper's code does"),
     "use_ema": Opt(str2bool, False, "use the EMA weights of a latent diffusion checkpoint (the paper's code never does)"),
     "scale": Opt(float, 1.0, "classifier-free guidance scale"),
     "num_prompts": Opt(int, 5, "Stable Diffusion: number of prompts read from prompt_path"),
@@ -122,7 +123,7 @@ OPTIONS: dict[str, Opt] = {
     "fix_bound": Opt(str2bool, False, "keep prior_bound instead of 0.001 d / steps^2"),
     "win_rate": Opt(float, 0.5, "window of t' as a share of the smallest gap"),
     "match_prior": Opt(str2bool, False, "first fit params1 to the GITS prior schedule"),
-    "use_gits": Opt(str2bool, False, "use the GITS schedule as the prior"),
+    "use_gits": Opt(str2bool, False, "use the GITS table as the prior (gen_data: sample with it)"),
     "gits_ts": Opt(_none_or(str), None, "comma-separated EDM sigmas of a prior schedule"),
     "valid_every": Opt(int, 10, "validate after every k optimizer steps (ours; the paper's code: 1. Measured on "
                        "the digits U-Net, 10 is as good on fresh noise and twice as fast: see README, Performance)"),

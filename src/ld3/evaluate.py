@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from ld3.config import UserError
 from ld3.data import EVAL_STREAM, noise_for_indices, to_uint8
 from ld3.io import _atomic_write_bytes, atomic_write_text
 from ld3.runtime import baseline_times
@@ -141,9 +142,11 @@ def baseline_names(cfg: dict, model: Model) -> list[str]:
         try:
             from samplers.gits import gits_sigmas
 
-            gits_sigmas(cfg["solver_name"], int(cfg["steps"]), str(cfg.get("dataset", "cifar10")))
+            from ld3.runtime import gits_dataset
+
+            gits_sigmas(cfg["solver_name"], int(cfg["steps"]), gits_dataset(cfg))
             names.append("gits")
-        except (ImportError, ValueError):
+        except (ImportError, ValueError, UserError):
             pass
     return names
 

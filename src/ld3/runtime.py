@@ -66,18 +66,30 @@ def time_mode(cfg: dict, model: Model) -> str:
     return model.time_mode if tm in (None, "auto") else tm
 
 
+def gits_dataset(cfg: dict) -> str:
+    """The GITS table of a config: ``dataset`` if set, else what the paper's code infers from the model."""
+    from samplers.gits import gits_dataset_for
+
+    if cfg.get("dataset"):
+        return str(cfg["dataset"])
+    try:
+        return gits_dataset_for(str(cfg.get("model")), cfg.get("ckp_path"))
+    except ValueError as e:
+        raise UserError(f"{e}; or set --dataset") from None
+
+
 def baseline_times(cfg: dict, model: Model, skip_type: str | None, steps: int, nfe: int) -> Tensor:
     if skip_type is None:
         raise UserError("--skip_type is required: edm, time_uniform, time_quadratic, logSNR or gits")
     try:
         return get_discretization(skip_type, model.schedule, steps, solver_name=cfg["solver_name"], nfe=nfe,
-                                  dataset=str(cfg.get("dataset", "cifar10")))
+                                  dataset=gits_dataset(cfg) if skip_type == "gits" else "")
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def gits_prior(cfg: dict, model: Model, steps: int) -> Tensor:
-    """The prior schedule of --match_prior: --gits_ts if given, else the GITS table."""
+    """The prior schedule (``--match_prior``, ``--use_gits``): ``--gits_ts`` if given, else the GITS table."""
     from samplers.discretizations import from_edm_sigmas
 
     if cfg.get("gits_ts"):

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging  # noqa: E402
+from ld3.config import parse_config, run_cli, save_config, setup_logging  # noqa: E402
 from ld3.io import atomic_write_text, remove_stale_temporaries  # noqa: E402
 from ld3.data import noise_for_indices, sample_path, save_png, save_sample  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options, data_folder_name,  # noqa: E402

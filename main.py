@@ -113,7 +113,7 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
     t_start = time.perf_counter()
     trainer = LD3Trainer(disc, rollout, distance, data.subset(slice(0, n_train)),
                          data.subset(slice(n_train, n_train + n_valid)),
-                         train_config_from(cfg, steps, bound, shift_lr, lr2), run_dir, device,
+                         train_config_from(cfg, steps, bound, shift_lr, lr2), device,
                          on_phase_end=on_phase_end, count_calls=lambda: rollout.fn.calls)
     if cfg.get("resume"):
         trainer.load_state_dict(safe_load(state_file, "saved state"))

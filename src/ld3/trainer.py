@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ld3.config import UserError
 from ld3.data import SampleSet
 from ld3.discretization import LearnedDiscretization, checkpoint_dict
-from ld3.io import atomic_torch_save, atomic_write_text
+from ld3.io import atomic_write_text
 from ld3.timing import Timed
 
 log = logging.getLogger("ld3")
@@ -90,17 +90,15 @@ class LD3Trainer:
     """Trains a ``LearnedDiscretization`` against teacher images. Takes tensors and callables."""
 
     def __init__(self, disc: LearnedDiscretization, student: Student, distance: Distance, train: SampleSet,
-                 valid: SampleSet, cfg: TrainConfig, run_dir: Path | None = None, device: torch.device | None = None,
+                 valid: SampleSet, cfg: TrainConfig, device: torch.device | None = None,
                  on_phase_end: Callable[[int, "LD3Trainer"], None] | None = None,
                  count_calls: Callable[[], int] | None = None):
         self.disc, self.student, self.cfg = disc, student, cfg
         self.distance = Timed(distance)  # loss time, forward and backward
         self.device = device or torch.device("cpu")
         self.train, self.valid = train, valid
-        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.on_phase_end = on_phase_end
         self.count_calls = count_calls or (lambda: 0)
-        dt = next(iter(disc.parameters())).dtype
         self.z_train = train.latent.to(self.device)
         self.z_valid = valid.latent.to(self.device)
         self.zp_train = self.z_train.clone()
@@ -124,7 +122,6 @@ class LD3Trainer:
         self.stop = False
         self.phase = 1
         self.round = 0  # rounds finished overall
-        del dt
 
     # ------------------------------------------------------------------ helpers
     def _cond(self, sset: SampleSet, idx: list[int]) -> tuple[Any, Any]:
@@ -359,5 +356,4 @@ def train_config_from(cfg: dict, steps: int, bound: float, shift_lr: float, lr_t
         valid_batch_size=int(cfg["main_valid_batch_size"]), valid_every=int(cfg["valid_every"]), seed=int(cfg["seed"]))
 
 
-__all__ = ["LD3Trainer", "TrainConfig", "TrainResult", "NumericalError", "train_config_from", "save_history",
-           "atomic_torch_save", "asdict"]
+__all__ = ["LD3Trainer", "TrainConfig", "TrainResult", "NumericalError", "train_config_from", "save_history"]

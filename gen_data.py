@@ -28,7 +28,7 @@ from ld3.config import parse_config, run_cli, save_config, setup_logging  # noqa
 from ld3.io import atomic_write_text, remove_stale_temporaries  # noqa: E402
 from ld3.data import noise_for_indices, sample_path, save_png, save_sample  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options, data_folder_name,  # noqa: E402
-                         gits_prior, load_times, setup_device_and_model)
+                         check_learned_run, gits_prior, load_times, setup_device_and_model)
 from ld3.student import Rollout, SolverSpec  # noqa: E402
 
 log = logging.getLogger("ld3")
@@ -43,12 +43,24 @@ def write_batch(out: Path, idx: list[int], z, img, c, uc, pt: bool, png: bool) -
             save_png(out, i, img[j])
 
 
+def _die_with_parent() -> None:
+    """In the writer process: be killed when the parent dies (else a SIGKILLed run leaves it behind)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def file_writer(device: torch.device) -> Executor:
     """Where files are written while the next batch computes. On the CPU a forked process (the
     network and the pickling would otherwise share one interpreter lock); with CUDA a thread (the
     main thread mostly waits on the device, and CUDA state must not be forked)."""
     if device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_die_with_parent)
     return ThreadPoolExecutor(max_workers=1)
 
 
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.get("load_from"):
         t, tp = load_times(cfg["load_from"], model)
         steps = t.numel() - 1
+        cfg["steps"] = check_learned_run(cfg, cfg["load_from"], steps)
         label = "ld3"
     elif cfg.get("gits_ts") or cfg.get("use_gits"):  # the paper's prior schedule, t' = t
         t, tp, label = gits_prior(cfg, model, steps), None, cfg.get("skip_type") or "gits"

@@ -19,6 +19,7 @@ reuse past outputs, and nothing is evaluated after the last step.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -417,11 +418,19 @@ def steps_for_nfe(name: str, nfe: int) -> int:
 
 def solve(name: str, model_fn, schedule: NoiseSchedule, x: Tensor, t: Tensor, t_prime: Tensor | None = None,
           *, order: int | None = None, cond: Any = None, uc: Any = None, **options) -> Tensor:
-    """Run solver ``name`` from x = x_T along ``t`` (network at ``t_prime``)."""
+    """Run solver ``name`` from x = x_T along ``t`` (network at ``t_prime``).
+
+    ``options`` are the solver's own keywords (``variant`` for uni_pc, ``lower_order_final`` for the
+    multistep solvers); an option the solver does not have is an error, not silently ignored.
+    """
     info = get_solver(name)
     order = info.default_order if order is None else int(order)
     if not info.min_order <= order <= info.max_order:
         raise ValueError(f"{name} supports orders {info.min_order}-{info.max_order}, got {order}")
+    own = set(inspect.signature(info.fn).parameters) - {"model_fn", "schedule", "x", "t", "t_prime", "_"}
+    unknown = sorted(set(options) - own)
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(own))}")
     return info.fn(model_fn, schedule, x, t, t_prime, order=order, cond=cond, uc=uc, **options)
 
 

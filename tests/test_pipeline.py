@@ -144,3 +144,13 @@ def test_learned_beats_every_baseline(tmp_path, solver, nfe):
     rows = compare_with_baselines(cfg, model, torch.device("cpu"), {"LD3": (t, tp)}, 200, l2_distance)
     for name in ("time_uniform", "time_quadratic", "logSNR", "edm"):
         assert rows["LD3"] < rows[name], (name, rows)
+
+
+def test_load_from_run_folder_uses_its_nfe_and_warns(tmp_path, caplog):
+    data = gen(tmp_path / "d", n=20)
+    run = _train(tmp_path, data, "l")
+    with caplog.at_level("WARNING"):
+        out = gen(tmp_path / "g", "--load_from", str(run), "--steps", "10", "--solver_name", "ipndm", n=3)
+    assert out.name == "ipndm_NFE4_ld3_seed0"  # the run's 4 steps, not --steps 10
+    msgs = " ".join(r.message for r in caplog.records)
+    assert "--steps 10 is ignored" in msgs and "solver_name=uni_pc" in msgs

@@ -112,3 +112,12 @@ def test_main_killed_then_resumed_equals_uninterrupted(tmp_path):
     a1 = torch.load(ref / "best_v1.pt", weights_only=True)
     b1 = torch.load(run / "best_v1.pt", weights_only=True)
     assert torch.equal(a1["best_t_steps"], b1["best_t_steps"])
+
+
+def test_killed_gen_data_leaves_no_process_behind(tmp_path):
+    p = start("gen_data.py", *gen_args(tmp_path / "x"))
+    folder = tmp_path / "x" / "uni_pc_NFE40_edm_seed0"
+    assert kill_when(p, lambda: folder.is_dir() and len(list(folder.glob("latent_*.pt"))) >= 8)
+    time.sleep(1.0)
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert not [line for line in out.splitlines() if str(tmp_path / "x") in line], out

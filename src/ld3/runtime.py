@@ -133,11 +133,14 @@ def check_positive(cfg: dict, *keys: str) -> None:
 
 
 def load_times(path: str | Path, model: Model) -> tuple[Tensor, Tensor]:
-    """(t, t') of a learned checkpoint; a bad file is a UserError."""
+    """(t, t') of a learned checkpoint (or of a run folder's best_v2.pt); a bad file is a UserError."""
     from ld3.discretization import times_from_checkpoint
     from ld3.io import safe_load
 
-    ck = safe_load(Path(path), "--load_from checkpoint")
+    path = Path(path)
+    if path.is_dir():  # a run folder: its best checkpoint
+        path = path / "best_v2.pt"
+    ck = safe_load(path, "--load_from checkpoint")
     try:
         t, tp = times_from_checkpoint(ck)
     except ValueError as e:
@@ -147,3 +150,25 @@ def load_times(path: str | Path, model: Model) -> tuple[Tensor, Tensor]:
         raise UserError(f"--load_from {path}: times run from {float(t[0]):.6g} to {float(t[-1]):.6g} but the model's "
                         f"schedule runs from {sch.T:.6g} to {sch.t_min:.6g}; it was learned for another model")
     return t, tp
+
+
+def check_learned_run(cfg: dict, path: str | Path, steps: int) -> int:
+    """Warn where sampling options differ from those a learned run was trained with; returns its NFE.
+
+    The NFE follows from the number of learned times; the solver options are read from the run's
+    config.yml when it is there (a checkpoint of the paper's code has none).
+    """
+    import yaml
+
+    nfe = nfe_of(cfg["solver_name"], steps)
+    if int(cfg["steps"]) != nfe:
+        log.warning("--load_from holds %d steps (NFE %d with %s): --steps %s is ignored", steps, nfe,
+                    cfg["solver_name"], cfg["steps"])
+    path = Path(path)
+    run_cfg = (path if path.is_dir() else path.parent) / "config.yml"
+    if run_cfg.is_file():
+        learned = yaml.safe_load(run_cfg.read_text()) or {}
+        for key in ("solver_name", "order", "unipc_variant", "lower_order_final"):
+            if key in learned and learned[key] is not None and cfg.get(key) is not None and learned[key] != cfg[key]:
+                log.warning("the learned run used %s=%s; sampling with %s=%s", key, learned[key], key, cfg[key])
+    return nfe

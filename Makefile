@@ -33,7 +33,7 @@ bench: install
 	$(BIN)/python bench/bench.py
 
 bench-short: install
-	$(BIN)/python bench/bench.py --short
+	$(BIN)/python bench/bench.py --short --out bench/out_short
 
 clean-venv:
 	rm -rf $(VENV)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 im = images(model, spec, t, tp, z, None, None, 250, device)
                 cell = f"{float(l2_distance(im, teacher).mean()):.4f}"
                 if quality is not None:
-                    cell += f" / {quality(im)['frechet']:.2f}"
+                    cell += f" / {quality(im)['frechet_matched']:.1f}"
                 table.setdefault(name, {})[col] = cell
                 grid_rows.append(im[:12])
                 grid_labels.append(name)
@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   run folder: {run} (schedule.png, samples_grid.png, curves.png)")
     if quality is not None:
         teacher_q = quality(teacher)
-        floor = f"teacher (uni_pc 20 NFE): Fréchet {teacher_q['frechet']:.2f}, floor (held-out real digits) " \
-                f"{teacher_q['frechet_floor']:.2f}, {args.n_fresh} samples"
+        floor = (f"Digit Fréchet distance: the first {teacher_q['n_floor']} samples against as many training digits; "
+                 f"the teacher (uni_pc 20 NFE) scores {teacher_q['frechet_matched']:.1f}, the floor (held-out real "
+                 f"digits against the same training digits) {teacher_q['frechet_floor']:.1f}.")
     else:
         floor = "digit classifier not available: Fréchet distance skipped"
     head = "| discretization | " + " | ".join(cols) + " |"

@@ -1,6 +1,6 @@
 """Train the embedded 8x8 digits diffusion model from scratch (EDM recipe) and judge it.
 
-    python scripts/train_digits_model.py --seed 0 --iters 20000
+    python scripts/train_digits_model.py --seed 0 --iters 18000
 
 Recipe (Karras et al. 2022, "EDM"): noise levels ln(sigma) ~ N(P_mean = -1.2, P_std = 1.2^2),
 loss ``w(sigma) ||D(y + n; sigma) - y||^2`` with ``w = (sigma^2 + sd^2) / (sigma sd)^2`` and

@@ -33,6 +33,9 @@ BLOCKS = {
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, (file, command) in BLOCKS.items():

@@ -179,7 +179,7 @@ def parse_config(argv: list[str] | None = None, description: str = "", extra: di
 
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--all_config", required=False, help="yml file with the default of every argument")
+    parser.add_argument("--all_config", required=False, help="yml file with the default of every argument (mandatory)")
     for name, opt in table.items():
         _add_flag(parser, name, opt)
     for key in yml:

@@ -126,22 +126,19 @@ def gen_speed(config: str, out: Path, n: int) -> dict:
 
 def fresh_distance(config: str, run: Path, data: Path, solver: str, nfe: int, n: int) -> float:
     from ld3.config import parse_config
-    from ld3.data import EVAL_STREAM, noise_for_indices
     from ld3.discretization import load_learned_times
-    from ld3.evaluate import images, teacher_config
+    from ld3.evaluate import fresh_noise, images, teacher_images
     from ld3.losses import l2_distance
-    from ld3.runtime import baseline_times, setup_device_and_model
+    from ld3.runtime import setup_device_and_model
     from ld3.student import SolverSpec
 
-    cfg = parse_config(["--all_config", config, "--solver_name", solver, "--steps", str(nfe)])
+    cfg = {**parse_config(["--all_config", config, "--solver_name", solver, "--steps", str(nfe)]),
+           "data_dir": str(data)}
     device, model = setup_device_and_model(cfg)
-    z = noise_for_indices(cfg["seed"], range(n), model.latent_shape, EVAL_STREAM)
-    tc = teacher_config(data)
-    teacher = images(model, SolverSpec.from_cfg({**cfg, **tc}, tc["solver_name"], tc["order"]),
-                     baseline_times({**cfg, **tc}, model, tc["skip_type"], int(tc["steps"]), int(tc["steps"])),
-                     None, z, None, None, 250, device)
+    z, c, uc = fresh_noise(cfg, model, n, device)
+    teacher = teacher_images(cfg, model, z, c, uc, 250, device)
     t, tp = load_learned_times(run / "best_v2.pt")
-    student = images(model, SolverSpec.from_cfg(cfg), t, tp, z, None, None, 250, device)
+    student = images(model, SolverSpec.from_cfg(cfg), t, tp, z, c, uc, 250, device)
     return float(l2_distance(student, teacher).mean())
 
 

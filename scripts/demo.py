@@ -24,9 +24,8 @@ import torch  # noqa: E402
 import gen_data  # noqa: E402
 import main as ld3_main  # noqa: E402
 from ld3.config import UserError, parse_config  # noqa: E402
-from ld3.data import EVAL_STREAM, noise_for_indices  # noqa: E402
 from ld3.discretization import load_learned_times  # noqa: E402
-from ld3.evaluate import baseline_names, images, teacher_config  # noqa: E402
+from ld3.evaluate import baseline_names, fresh_noise, images, teacher_images  # noqa: E402
 from ld3.io import atomic_write_text  # noqa: E402
 from ld3.losses import l2_distance  # noqa: E402
 from ld3.plots import image_grid  # noqa: E402
@@ -80,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {**parse_config(["--all_config", args.config, "--solver_name", solver, "--steps", str(nfe)]),
                    "data_dir": str(data)}
             device, model = setup_device_and_model(cfg)
-            idx = list(range(args.n_fresh))
-            z = noise_for_indices(cfg["seed"], idx, model.latent_shape, EVAL_STREAM)
-            tcfg = teacher_config(data)
-            tspec = SolverSpec.from_cfg({**cfg, **tcfg}, tcfg["solver_name"], tcfg["order"])
-            t_teacher = baseline_times({**cfg, **tcfg}, model, "edm", steps_for_nfe("uni_pc", 20), 20)
-            teacher = images(model, tspec, t_teacher, None, z, None, None, 250, device)
+            z, c, uc = fresh_noise(cfg, model, args.n_fresh, device)
+            teacher = teacher_images(cfg, model, z, c, uc, 250, device)
             spec = SolverSpec.from_cfg(cfg)
             S = steps_for_nfe(solver, nfe)
             candidates = {"LD3": load_learned_times(Path(run) / "best_v2.pt")}
@@ -93,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 candidates[name] = (baseline_times(cfg, model, name, S, nfe), None)
             grid_rows, grid_labels = [teacher[:12]], ["teacher (20 NFE)"]
             for name, (t, tp) in candidates.items():
-                im = images(model, spec, t, tp, z, None, None, 250, device)
+                im = images(model, spec, t, tp, z, c, uc, 250, device)
                 cell = f"{float(l2_distance(im, teacher).mean()):.4f}"
                 if quality is not None:
                     cell += f" / {quality(im)['frechet_matched']:.1f}"

@@ -14,8 +14,7 @@ import json
 import logging
 import sys
 import time
-import multiprocessing
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ld3.config import parse_config, run_cli, save_config, setup_logging  # noqa: E402
-from ld3.io import atomic_write_text, remove_stale_temporaries  # noqa: E402
+from ld3.io import atomic_write_text, background_executor, remove_stale_temporaries  # noqa: E402
 from ld3.data import noise_for_indices, sample_path, save_png, save_sample  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options, data_folder_name,  # noqa: E402
                          check_learned_run, gits_prior, load_times, setup_device_and_model)
@@ -41,27 +40,6 @@ def write_batch(out: Path, idx: list[int], z, img, c, uc, pt: bool, png: bool) -
             save_sample(out, i, z[j], img[j], None if c is None else c[j], None if uc is None else uc[j])
         if png:
             save_png(out, i, img[j])
-
-
-def _die_with_parent() -> None:
-    """In the writer process: be killed when the parent dies (else a SIGKILLed run leaves it behind)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def file_writer(device: torch.device) -> Executor:
-    """Where files are written while the next batch computes. On the CPU a forked process (the
-    network and the pickling would otherwise share one interpreter lock); with CUDA a thread (the
-    main thread mostly waits on the device, and CUDA state must not be forked)."""
-    if device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_die_with_parent)
-    return ThreadPoolExecutor(max_workers=1)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -114,7 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
     # batches wait), so the time a user waits is the network's.
     pending: list[Future] = []
     with torch.no_grad(), tqdm(total=len(todo), desc="teacher", unit="img", disable=None) as bar, \
-            file_writer(device) as writer:
+            background_executor(device) as writer:
         for b in range(0, len(todo), bs):
             idx = todo[b:b + bs]
             z = noise_for_indices(seed, idx, model.latent_shape).to(device)

@@ -12,6 +12,7 @@ config.yml, log.txt, best_v1.pt, best_v2.pt, history.json, schedule.png and curv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging  # noqa: E402
 from ld3.data import load_samples  # noqa: E402
 from ld3.discretization import LearnedDiscretization, checkpoint_dict  # noqa: E402
+from ld3.figures import FigureHelper  # noqa: E402
 from ld3.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries, safe_load  # noqa: E402
 from ld3.losses import make_distance  # noqa: E402
 from ld3.runtime import (check_positive, check_solver_options, derived_hparams, gits_prior,  # noqa: E402
@@ -123,23 +125,24 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
         atomic_torch_save(tr.state_dict(), state_file)
 
     t_train = time.perf_counter()
-    try:
-        result = trainer.run(save_state)
-    except NumericalError as e:
-        save_history(trainer.history, run_dir / "history.json")
-        if trainer.best_loss < float("inf"):
-            trainer.load_params(trainer.best_state)
-            atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
-        raise UserError(str(e)) from None
-    atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
-    with torch.no_grad():
-        t, tp = disc()
-    if cfg["visualize"]:  # drawn once, at the end (the paper's code redraws at every new best)
-        from ld3.plots import plot_curves, plot_schedule
-
-        plot_schedule(model.schedule, t.cpu(), tp.cpu(), run_dir / "schedule.png",
-                      f"{cfg['solver_name']} NFE {nfe}: learned vs baselines")
-        plot_curves(trainer.history, run_dir / "curves.png")
+    # Figures are drawn once, at the end (the paper's code redraws them at every new best), by a
+    # helper that loads matplotlib while training runs; leaving the block waits for them.
+    with FigureHelper(device) if cfg["visualize"] else contextlib.nullcontext() as figures:
+        try:
+            result = trainer.run(save_state)
+        except NumericalError as e:
+            save_history(trainer.history, run_dir / "history.json")
+            if trainer.best_loss < float("inf"):
+                trainer.load_params(trainer.best_state)
+                atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
+            raise UserError(str(e)) from None
+        atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
+        with torch.no_grad():
+            t, tp = disc()
+        if figures is not None:
+            figures.draw("plot_schedule", model.schedule, t.cpu(), tp.cpu(), run_dir / "schedule.png",
+                         f"{cfg['solver_name']} NFE {nfe}: learned vs baselines")
+            figures.draw("plot_curves", trainer.history, run_dir / "curves.png")
     wall = time.perf_counter() - t_train
     net, loss = rollout.fn.clock, trainer.distance.clock
     busy = net.total_s + loss.total_s

@@ -30,6 +30,16 @@ from samplers.schedules import NoiseSchedule
 
 
 # --------------------------------------------------------------------------- helpers
+def combine(coefs: Tensor, tensors: list[Tensor]) -> Tensor:
+    """sum_j coefs[0, j] tensors[j] as one matrix product; ``coefs`` is a 1 x k row.
+
+    One autograd node (and one in backward) for the whole linear combination, where a chain of
+    multiply-adds with scalar tensors costs several per term: next to a small network, the
+    bookkeeping of these scalar ops, not their arithmetic, was most of a rollout's overhead.
+    """
+    return torch.mm(coefs, torch.stack(tensors).view(len(tensors), -1)).view(tensors[0].shape)
+
+
 class Grid:
     """alpha, sigma, lambda at every t_i, and the network call at t'_i.
 
@@ -49,13 +59,16 @@ class Grid:
         self.batch = x.shape[0]
         self.steps = self.t.numel() - 1
         alpha, sigma = schedule.alpha(self.t), schedule.sigma(self.t)
+        lam = schedule.lambda_(self.t)
+        # Whole-grid vectors, for solvers that compute the coefficients of every step at once
+        # (a few vector ops instead of dozens of scalar ops per step, forward and backward).
+        self.alpha_v, self.sigma_v, self.lam_v, self.s_v = alpha, sigma, lam, sigma / alpha
         # Per-point scalars as tuples (one unbind each): indexing a tuple costs no autograd node,
         # where indexing a tensor adds a select (and a zeros + copy in backward) at every use.
-        self.alpha, self.sigma = alpha.unbind(), sigma.unbind()
-        self.lam = schedule.lambda_(self.t).unbind()
-        self.s = (sigma / alpha).unbind()  # EDM noise level sigma/alpha
+        self.alpha, self.sigma, self.lam, self.s = alpha.unbind(), sigma.unbind(), lam.unbind(), self.s_v.unbind()
         self.t, self.tp = self.t.unbind(), self.tp.unbind()
         self.model_fn, self.cond, self.uc = model_fn, cond, uc
+        self.plans: dict = {}  # per-solver coefficient tables, computed once per grid
 
     def eps(self, x: Tensor, i: int) -> Tensor:
         """Noise prediction at (x, t'_i)."""
@@ -63,7 +76,9 @@ class Grid:
 
     def x0(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
         """Data prediction (x - sigma_i eps) / alpha_i, with t_i's coefficients."""
-        return (x - self.sigma[i] * eps) / self.alpha[i]
+        if "x0" not in self.plans:
+            self.plans["x0"] = torch.stack([1.0 / self.alpha_v, -self.s_v], 1).unsqueeze(1).unbind()
+        return combine(self.plans["x0"][i], [x, eps])
 
     def drift(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
         """Probability-flow ODE: dx/dt = f(t) x + g(t) eps."""
@@ -191,24 +206,65 @@ def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None,
 
 
 # --------------------------------------------------------------------------- UniPC
-def _unipc_coefficients(rks: Tensor, h: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor]:
-    """UniPC's linear system (Zhao et al. 2023, data prediction, hh = -h).
+def _unipc_table(g: Grid, variant: str, kmax: int) -> list[tuple[tuple[Tensor, Tensor], ...]]:
+    """Coefficients of the UniPC updates of orders 1..kmax at every step of the grid, computed at once.
 
-    R[p, j] = rks[j]^p, b[p] = phi_{p+2}(hh) (p+1)! / B(h) with phi_{k+1} = phi_k / hh - 1/k!,
-    B(h) = hh (bh1) or e^{hh} - 1 (bh2). Returns (R, b, B_h).
+    UniPC (Zhao et al. 2023, data prediction, hh = -h, B(h) = hh (bh1) or e^{hh} - 1 (bh2)) solves
+    sum_j rho_j x_j^p = b_{p+1} (p = 0..k-1) on the nodes x = (r_1, ..., r_{k-1}, 1), with
+    b_p = phi_{p+1}(hh) p! / B(h), phi_{k+1} = phi_k / hh - 1/k!. The systems are at most 3 x 3
+    Vandermonde systems, solved in closed form (Lagrange): with two nodes, rho_1 = (b_2 - x_2 b_1) /
+    (x_1 - x_2); with three, rho_j = (b_3 - s_j b_2 + p_j b_1) / d_j (s_j, p_j: sum and product of
+    the other nodes, d_j = prod_{m != j} (x_j - x_m)). rho^p = 1/2 when k = 2, rho^c = 1/2 when k = 1.
+
+    The update as linear combinations, ``table[k - 1][i] = (pred, corr)``:
+      x~  = a x_i + b m_i                 (a = sigma_{i+1}/sigma_i, b = -alpha_{i+1} phi_1)
+      x_p = pred . (x_i, m_i, m_{i-1}, ..., m_{i-k+1})            = x~ + sum_j p_j m_{i-j}
+      x_c = corr . (x_i, m_i, m_{i+1}, m_{i-1}, ..., m_{i-k+1})   = x~ + sum_j c_j m_{i-j} + c_n m_{i+1}
+    Vector ops over all steps, a few dozen whatever S. Rows of steps without enough history
+    (i < k - 1) are computed from placeholder points and never used.
     """
+    for k in range(kmax, 4):  # a table with more orders serves too
+        if ("uni_pc", variant, k) in g.plans:
+            return g.plans[("uni_pc", variant, k)]
+    lam, steps = g.lam_v, g.steps
+    h = lam[1:] - lam[:-1]
     hh = -h
-    h_phi_1 = torch.expm1(hh)
-    b_h = hh if variant == "bh1" else h_phi_1
-    h_phi_k = h_phi_1 / hh - 1.0
-    fact = 1
-    rows, bs = [], []
-    for p in range(1, rks.numel() + 1):
-        rows.append(rks ** (p - 1))
-        bs.append(h_phi_k * fact / b_h)
-        fact *= p + 1
-        h_phi_k = h_phi_k / hh - 1.0 / fact
-    return torch.stack(rows), torch.stack(bs), b_h
+    phi = torch.expm1(hh)  # h phi_1
+    b_h = hh if variant == "bh1" else phi
+    alpha_next = g.alpha_v[1:]
+    a = g.sigma_v[1:] / g.sigma_v[:-1]
+    b = -alpha_next * phi
+    nc = -alpha_next * b_h  # x~ - alpha_{i+1} B(h) (...)
+    half = 0.5 * nc
+    tables = [(torch.stack([a, b], 1), torch.stack([a, b - half, half], 1))]  # k = 1: rho^c = 1/2
+    if kmax >= 2:
+        bs = []
+        fact = 1
+        for p in range(1, kmax + 1):
+            phi = phi / hh - 1.0 / fact  # h phi_{p+1}
+            bs.append(phi / b_h if fact == 1 else phi * (fact / b_h))
+            fact *= p + 1
+        # lambda_{i-1}, lambda_{i-2}, with placeholders before the start
+        pad = torch.cat([lam.detach()[:1] - torch.tensor([2.0, 1.0], dtype=lam.dtype, device=lam.device), lam])
+        r1 = (pad[1:steps + 1] - lam[:-1]) / h
+        p1 = half / r1  # rho^p = 1/2
+        rho1 = (bs[1] - bs[0]) / (r1 - 1.0)  # nodes (r1, 1)
+        q1, qn = nc * rho1 / r1, nc * (bs[0] - rho1)
+        tables.append((torch.stack([a, b - p1, p1], 1), torch.stack([a, b - q1 - qn, qn, q1], 1)))
+    if kmax >= 3:
+        r2 = (pad[:steps] - lam[:-1]) / h
+        rho1 = (bs[1] - r2 * bs[0]) / (r1 - r2)  # predictor, nodes (r1, r2)
+        p1, p2 = nc * rho1 / r1, nc * (bs[0] - rho1) / r2
+        d12, d1, d2 = r1 - r2, r1 - 1.0, r2 - 1.0  # corrector, nodes (r1, r2, 1)
+        c1 = (bs[2] - (r2 + 1.0) * bs[1] + r2 * bs[0]) / (d12 * d1)
+        c2 = (bs[2] - (r1 + 1.0) * bs[1] + r1 * bs[0]) / (-d12 * d2)
+        cn = (bs[2] - (r1 + r2) * bs[1] + r1 * r2 * bs[0]) / (d1 * d2)
+        q1, q2, qn = nc * c1 / r1, nc * c2 / r2, nc * cn
+        tables.append((torch.stack([a, b - p1 - p2, p1, p2], 1),
+                       torch.stack([a, b - q1 - q2 - qn, qn, q1, q2], 1)))
+    out = [tuple(zip(pred.unsqueeze(1).unbind(), corr.unsqueeze(1).unbind())) for pred, corr in tables]
+    g.plans[("uni_pc", variant, kmax)] = out
+    return out
 
 
 def uni_pc_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int, variant: str = "bh2",
@@ -217,26 +273,17 @@ def uni_pc_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int, variant: s
 
     With ``corrector``: one network call at the predicted x_{i+1}; returns the corrected x_{i+1}
     and m_{i+1} = x0(x_pred, t'_{i+1}) (the next step's history). Without: (x_pred, None), no call.
+    Coefficients: ``_unipc_table``.
     """
-    lam = g.lam
-    h = lam[i + 1] - lam[i]
-    rks = [(lam[i - j] - lam[i]) / h for j in range(1, k)]
-    d1s = [(ms[-1 - j] - ms[-1]) / rks[j - 1] for j in range(1, k)]
-    rks_t = torch.stack(rks + [torch.ones_like(h)])
-    R, b, b_h = _unipc_coefficients(rks_t, h, variant)
-    x_tilde = (g.sigma[i + 1] / g.sigma[i]) * x - g.alpha[i + 1] * torch.expm1(-h) * ms[-1]
-    x_pred = x_tilde
-    if k >= 2:
-        rho_p = torch.full_like(h, 0.5).reshape(1) if k == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
-        x_pred = x_tilde - g.alpha[i + 1] * b_h * sum(rho_p[j] * d1s[j] for j in range(k - 1))
+    if not (0 <= k - 1 <= i < g.steps and 1 <= k <= 3):
+        raise ValueError(f"UniPC order {k} (1-3) at step {i} needs {k} past outputs; it has {i + 1}")
+    pred, corr = _unipc_table(g, variant, k)[k - 1][i]
+    hist = ms[::-1][:k]  # m_i, m_{i-1}, ...
+    x_pred = combine(pred, [x, *hist])
     if not corrector:
         return x_pred, None
     m_next = g.x0(x_pred, g.eps(x_pred, i + 1), i + 1)
-    rho_c = torch.full_like(h, 0.5).reshape(1) if k == 1 else torch.linalg.solve(R, b)
-    corr = rho_c[-1] * (m_next - ms[-1])
-    for j in range(k - 1):
-        corr = corr + rho_c[j] * d1s[j]
-    return x_tilde - g.alpha[i + 1] * b_h * corr, m_next
+    return combine(corr, [x, hist[0], m_next, *hist[1:]]), m_next
 
 
 def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, variant="bh2",
@@ -258,8 +305,10 @@ def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=Non
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; choose bh1 or bh2")
     g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    orders = step_orders(g_.steps, order, lower_order_final)
+    _unipc_table(g_, variant, max(orders))
     ms = [g_.x0(x, g_.eps(x, 0), 0)]
-    for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
+    for i, k in enumerate(orders):
         last = i == g_.steps - 1
         x, m_next = uni_pc_step(g_, x, ms, i, k, variant, corrector=not last)
         if not last:
@@ -281,8 +330,11 @@ def ipndm_step(g: Grid, y: Tensor, eps_hist: list[Tensor], i: int, k: int) -> Te
 
     y_{i+1} = y_i + (s_{i+1} - s_i) sum_j w^k_j eps_{i-j}. No network call.
     """
-    d = sum(w * e for w, e in zip(IPNDM_WEIGHTS[k], eps_hist))
-    return y + (g.s[i + 1] - g.s[i]) * d
+    w = IPNDM_WEIGHTS[k]
+    d = eps_hist[0] * w[0] if k > 1 else eps_hist[0]
+    for wj, e in zip(w[1:], eps_hist[1:]):
+        d = torch.add(d, e, alpha=wj)  # one op per term: the weights are plain numbers
+    return torch.addcmul(y, g.s[i + 1] - g.s[i], d)
 
 
 def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None, lower_order_final=False, **_):

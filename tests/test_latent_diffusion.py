@@ -395,11 +395,13 @@ def test_imagenet_conditions_and_guidance_reach_the_network(tmp_path):
 
 # --------------------------------------------------------------------------- the command-line tools
 def _cli_config(tmp: Path, w: dict, name: str, **extra) -> Path:
+    # 8 optimizer steps in all: validate after each (the default, every 10, would leave only the
+    # round-start checks, whose outcome then hangs on float rounding in a latent move)
     cfg = {"model": "latent_diff", "ckp_path": str(w["ckpt"]), "config": str(w["yaml"]), "H": 16, "W": 16, "C": 3,
            "f": 2, "scale": 0.0, "use_ema": False, "time_mode": "time", "solver_name": "uni_pc", "unipc_variant": "bh2",
            "order": 3, "steps": 4, "seed": 0, "loss_type": "L2", "threads": 1, "visualize": False,
            "training_rounds_v1": 1, "training_rounds_v2": 1, "main_train_batch_size": 1, "main_valid_batch_size": 4,
-           "num_train": 4, "num_valid": 4, "log_path": str(tmp / "logs" / name), **extra}
+           "num_train": 4, "num_valid": 4, "valid_every": 1, "log_path": str(tmp / "logs" / name), **extra}
     p = tmp / f"{name}.yml"
     p.write_text(yaml.safe_dump(cfg))
     return p

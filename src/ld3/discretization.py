@@ -30,6 +30,7 @@ class LearnedDiscretization(nn.Module):
         self.params2 = nn.Parameter(torch.zeros(steps + 1, dtype=dtype))
         ends = torch.tensor([schedule.T, schedule.t_min], dtype=dtype)
         self.register_buffer("ends", schedule.lambda_(ends) if time_mode == "lambda" else ends)
+        self.register_buffer("t_ends", ends.clone(), persistent=False)  # exactly T and t_min
 
     def _to_t(self, v: Tensor) -> Tensor:
         return self.schedule.t_of_lambda(v) if self.time_mode == "lambda" else v
@@ -46,14 +47,14 @@ class LearnedDiscretization(nn.Module):
     def forward(self) -> tuple[Tensor, Tensor]:
         """(t, t'), each of length S + 1; end points exactly T and t_min, never shifted."""
         v = self.grid()
-        w = self.win_rate * (v[1:] - v[:-1]).abs().min().detach()
-        shift = torch.clamp(self.params2, -w, w)
-        mask = torch.ones_like(shift)
-        mask[0] = mask[-1] = 0.0
-        vp = v + shift * mask
-        t, tp = self._to_t(v), self._to_t(vp)
-        t, tp = _pin_ends(t, self.schedule), _pin_ends(tp, self.schedule)
-        return t, tp
+        with torch.no_grad():
+            w = self.win_rate * (v[1:] - v[:-1]).abs().min()
+        inner = v[1:-1]
+        shifted = inner + torch.clamp(self.params2[1:-1], -w, w)
+        t_in = self._to_t(torch.cat([inner, shifted]))  # one conversion for t and t'
+        first, last = self.t_ends[:1], self.t_ends[1:]
+        n = self.steps - 1
+        return torch.cat([first, t_in[:n], last]), torch.cat([first, t_in[n:], last])
 
     @torch.no_grad()
     def fit_to(self, t_target: Tensor, iters: int = 2000, lr: float = 0.05) -> float:
@@ -66,15 +67,6 @@ class LearnedDiscretization(nn.Module):
         p = torch.cat([torch.log(du.mean()).reshape(1), torch.log(du)])
         self.params1.copy_(p)
         return float((self.grid() - v_target).abs().max())
-
-
-def _pin_ends(t: Tensor, schedule: NoiseSchedule) -> Tensor:
-    """Replace the first and last entries by exactly T and t_min (no gradient to them)."""
-    mask = torch.zeros_like(t)
-    mask[0] = mask[-1] = 1.0
-    ends = torch.zeros_like(t)
-    ends[0], ends[-1] = schedule.T, schedule.t_min
-    return t * (1 - mask) + ends * mask
 
 
 def checkpoint_dict(disc: LearnedDiscretization) -> dict:

@@ -1,13 +1,16 @@
-"""Files: atomic writes (temporary name + rename), safe loading, device and thread choice."""
+"""Files: atomic writes (temporary name + rename), safe loading, device and thread choice, helper processes."""
 
 from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
+import sys
 import tempfile
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,3 +95,34 @@ def set_threads(threads: int | None, small_model: bool) -> int:
         threads = 1 if small_model else max(1, os.cpu_count() or 1)
     torch.set_num_threads(max(1, int(threads)))
     return torch.get_num_threads()
+
+
+def die_with_parent() -> None:
+    """In a helper process: be killed when the parent dies (else a SIGKILLed run leaves it behind)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start_helper(initializer: Callable[[], None] | None) -> None:
+    die_with_parent()
+    torch.set_num_threads(1)  # a forked OpenMP pool is not safe to use; helpers need no threads
+    if initializer is not None:
+        initializer()
+
+
+def background_executor(device: torch.device, initializer: Callable[[], None] | None = None) -> Executor:
+    """One helper for work that should overlap the main loop (writing files, drawing figures).
+
+    On a Linux CPU run a forked process: the main loop and the helper would otherwise share one
+    interpreter lock. With an accelerator (whose state must not be forked) or elsewhere a thread:
+    the main thread then mostly waits on the device. ``initializer`` runs first in the helper.
+    """
+    if device.type == "cpu" and sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_start_helper, initargs=(initializer,))
+    return ThreadPoolExecutor(max_workers=1, initializer=initializer)

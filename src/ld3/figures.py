@@ -1,0 +1,52 @@
+"""The run's figures, drawn by a helper started before training.
+
+Importing matplotlib takes about 0.4 s, as long as a hundred training steps of the embedded
+model; the helper pays it while training runs (on another core), so the figures cost the user
+only their drawing. This module itself imports no plotting library.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor, Future
+
+import torch
+
+from ld3.io import background_executor
+
+
+def _import_plots() -> None:
+    import ld3.plots  # noqa: F401 - the slow import, done ahead of time
+
+
+def draw(name: str, *args, **kwargs) -> None:
+    """Run ``ld3.plots.<name>(*args, **kwargs)`` (in the helper)."""
+    import ld3.plots
+
+    getattr(ld3.plots, name)(*args, **kwargs)
+
+
+class FigureHelper:
+    """``with FigureHelper(device) as fig: ...; fig.draw("plot_curves", history, path)``; leaving the
+    block waits for every figure (an error while drawing is raised there)."""
+
+    def __init__(self, device: torch.device):
+        self._pool: Executor = background_executor(device, _import_plots)
+        self._pending: list[Future] = [self._pool.submit(int)]  # start the helper now
+
+    def draw(self, name: str, *args, **kwargs) -> None:
+        self._pending.append(self._pool.submit(draw, name, *args, **kwargs))
+
+    def wait(self) -> None:
+        for f in self._pending:
+            f.result()
+        self._pending.clear()
+
+    def __enter__(self) -> "FigureHelper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)

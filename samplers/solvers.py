@@ -2,7 +2,7 @@
 
 Every solver has the signature
 
-    solver(model_fn, schedule, x, t, t_prime=None, *, order, cond=None, uc=None, **options)
+    solver(model_fn, schedule, x, t, t_prime=None, *, order, cond=None, uc=None, plans=None, **options)
 
 - ``model_fn(x, t, cond, uc)`` returns the noise prediction eps(x, t);
 - ``t``: 1-D tensor of S + 1 strictly decreasing times (T ... t_min), shared by the batch;
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Any, Callable
 
 import torch
@@ -45,30 +46,60 @@ class Grid:
 
     The one-step update functions (``*_step``) take a ``Grid`` so that a test can start a single
     update from any state and history; the solvers are loops over them.
+
+    ``plans``: a dict in which the grid keeps what depends on t only (the schedule's values, the
+    solvers' coefficient tables). Rollouts on the same times (a training step's rollout and the
+    check of its latent move) may pass the same dict and compute them once.
     """
 
     def __init__(self, model_fn, schedule: NoiseSchedule, x: Tensor, t: Tensor, t_prime: Tensor | None,
-                 cond: Any, uc: Any):
+                 cond: Any, uc: Any, plans: dict | None = None):
         if t.ndim != 1 or t.numel() < 2:
             raise ValueError(f"t must be a 1-D tensor of S + 1 >= 2 times, got shape {tuple(t.shape)}")
-        self.t = t.to(device=x.device, dtype=x.dtype)
-        self.tp = self.t if t_prime is None else t_prime.to(device=x.device, dtype=x.dtype)
-        if self.tp.shape != self.t.shape:
-            raise ValueError(f"t_prime has shape {tuple(self.tp.shape)}, t has {tuple(self.t.shape)}")
-        self.schedule = schedule
-        self.batch = x.shape[0]
-        self.steps = self.t.numel() - 1
-        alpha, sigma = schedule.alpha(self.t), schedule.sigma(self.t)
-        lam = schedule.lambda_(self.t)
+        if t_prime is not None and t_prime.shape != t.shape:
+            raise ValueError(f"t_prime has shape {tuple(t_prime.shape)}, t has {tuple(t.shape)}")
+        self.schedule, self.batch, self.steps = schedule, x.shape[0], t.numel() - 1
+        self.model_fn, self.cond, self.uc = model_fn, cond, uc
+        self.plans = {} if plans is None else plans
+        if "grid" not in self.plans:
+            tv = t.to(device=x.device, dtype=x.dtype)
+            alpha, sigma = schedule.alpha(tv), schedule.sigma(tv)
+            self.plans["grid"] = (tv, alpha, sigma, schedule.lambda_(tv), sigma / alpha)
         # Whole-grid vectors, for solvers that compute the coefficients of every step at once
         # (a few vector ops instead of dozens of scalar ops per step, forward and backward).
-        self.alpha_v, self.sigma_v, self.lam_v, self.s_v = alpha, sigma, lam, sigma / alpha
-        # Per-point scalars as tuples (one unbind each): indexing a tuple costs no autograd node,
-        # where indexing a tensor adds a select (and a zeros + copy in backward) at every use.
-        self.alpha, self.sigma, self.lam, self.s = alpha.unbind(), sigma.unbind(), lam.unbind(), self.s_v.unbind()
-        self.t, self.tp = self.t.unbind(), self.tp.unbind()
-        self.model_fn, self.cond, self.uc = model_fn, cond, uc
-        self.plans: dict = {}  # per-solver coefficient tables, computed once per grid
+        self.t_v, self.alpha_v, self.sigma_v, self.lam_v, self.s_v = self.plans["grid"]
+        if self.t_v.dtype != x.dtype or self.t_v.device != x.device or self.t_v.numel() != t.numel():
+            raise ValueError("plans were computed for other times, dtype or device")
+        self._t_prime = t_prime
+
+    # Per-point scalars as tuples (one unbind each, when first used): indexing a tuple costs no
+    # autograd node, where indexing a tensor adds a select (and a zeros + copy in backward) at every use.
+    @cached_property
+    def t(self) -> tuple[Tensor, ...]:
+        return self.t_v.unbind()
+
+    @cached_property
+    def tp(self) -> tuple[Tensor, ...]:
+        if self._t_prime is None:
+            return self.t
+        return self._t_prime.to(device=self.t_v.device, dtype=self.t_v.dtype).unbind()
+
+    @cached_property
+    def alpha(self) -> tuple[Tensor, ...]:
+        return self.alpha_v.unbind()
+
+    @cached_property
+    def sigma(self) -> tuple[Tensor, ...]:
+        return self.sigma_v.unbind()
+
+    @cached_property
+    def lam(self) -> tuple[Tensor, ...]:
+        return self.lam_v.unbind()
+
+    @cached_property
+    def s(self) -> tuple[Tensor, ...]:
+        """EDM noise level sigma / alpha."""
+        return self.s_v.unbind()
 
     def eps(self, x: Tensor, i: int) -> Tensor:
         """Noise prediction at (x, t'_i)."""
@@ -102,14 +133,14 @@ def step_orders(steps: int, order: int, lower_order_final: bool = True) -> list[
 
 
 # --------------------------------------------------------------------------- euler / heun
-def euler(model_fn, schedule, x, t, t_prime=None, *, order=1, cond=None, uc=None, **_):
+def euler(model_fn, schedule, x, t, t_prime=None, *, order=1, cond=None, uc=None, plans=None, **_):
     """Euler on the probability-flow ODE in the schedule's time.
 
     x_{i+1} = x_i + (t_{i+1} - t_i) [f(t_i) x_i + g(t_i) eps(x_i, t'_i)],
     f = d log alpha / dt, g = d sigma / dt - sigma f   (for VE: dx/dsigma = eps).
     NFE = S.
     """
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
     for i in range(g_.steps):
         x = x + (g_.t[i + 1] - g_.t[i]) * g_.drift(x, g_.eps(x, i), i)
     return x
@@ -133,7 +164,7 @@ def heun_step(g: Grid, x: Tensor, i: int, final: bool = False) -> Tensor:
     return a[i + 1] * (y + ds * 0.5 * (d + d2))
 
 
-def heun(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None, **_):
+def heun(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None, plans=None, **_):
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step is plain Euler.
 
     Integrates dy/ds = eps(alpha y, t) in y = x / alpha and the EDM noise level s = sigma / alpha
@@ -143,7 +174,7 @@ def heun(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None,
     Not in the schedule's time t: for ``vp_discrete`` (piecewise-linear log alpha in t) the ODE in t
     has kinks at every training step and Heun in t is not second order there. NFE = 2S - 1.
     """
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
     for i in range(g_.steps):
         x = heun_step(g_, x, i, final=i == g_.steps - 1)
     return x
@@ -176,7 +207,7 @@ def dpm_solver_pp_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int) -> 
     return x_new
 
 
-def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None,
+def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None,
                   lower_order_final=True, **_):
     """DPM-Solver++ multistep (1M/2M/3M), data prediction, exponential integrator.
 
@@ -196,7 +227,7 @@ def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None,
     """
     if not 1 <= order <= 3:
         raise ValueError(f"dpm_solver++ supports orders 1-3, got {order}")
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
     ms: list[Tensor] = []
     for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
         ms.append(g_.x0(x, g_.eps(x, i), i))
@@ -286,7 +317,7 @@ def uni_pc_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int, variant: s
     return combine(corr, [x, hist[0], m_next, *hist[1:]]), m_next
 
 
-def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, variant="bh2",
+def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None, variant="bh2",
            lower_order_final=True, **_):
     """UniPC multistep predictor-corrector (UniP-k + UniC), data prediction.
 
@@ -304,7 +335,7 @@ def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=Non
         raise ValueError(f"uni_pc supports orders 1-3, got {order}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; choose bh1 or bh2")
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
     orders = step_orders(g_.steps, order, lower_order_final)
     _unipc_table(g_, variant, max(orders))
     ms = [g_.x0(x, g_.eps(x, 0), 0)]
@@ -337,7 +368,7 @@ def ipndm_step(g: Grid, y: Tensor, eps_hist: list[Tensor], i: int, k: int) -> Te
     return torch.addcmul(y, g.s[i + 1] - g.s[i], d)
 
 
-def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None, lower_order_final=False, **_):
+def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None, plans=None, lower_order_final=False, **_):
     """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on the noise prediction.
 
     In y = x / alpha and s = sigma / alpha (EDM noise level) the ODE is dy/ds = eps, and
@@ -346,7 +377,7 @@ def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None
     """
     if not 1 <= order <= 4:
         raise ValueError(f"ipndm supports orders 1-4, got {order}")
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
     eps_hist: list[Tensor] = []
     y = x / g_.alpha[0]
     for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
@@ -402,7 +433,7 @@ def dpm_solver_step(g: Grid, x: Tensor, p: int, k: int) -> Tensor:
     return base - sg[q] * phi_2 * d1 - sg[q] * phi_3 * d2
 
 
-def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, **_):
+def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None, **_):
     """Singlestep DPM-Solver (Lu et al. 2022), noise prediction.
 
     The S = NFE intervals of ``t`` are grouped into steps of orders ``singlestep_orders(S, order)``;
@@ -425,7 +456,7 @@ def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc
     """
     if not 1 <= order <= 3:
         raise ValueError(f"dpm_solver supports orders 1-3, got {order}")
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc)
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
     p = 0
     for k in singlestep_orders(g_.steps, order):
         x = dpm_solver_step(g_, x, p, k)
@@ -468,22 +499,31 @@ def steps_for_nfe(name: str, nfe: int) -> int:
     return get_solver(name).steps_for_nfe(nfe)
 
 
+@lru_cache(maxsize=None)
+def _options_of(name: str) -> frozenset[str]:
+    """The solver's own keywords (read from its signature once)."""
+    common = {"model_fn", "schedule", "x", "t", "t_prime", "_", "order", "cond", "uc", "plans"}
+    return frozenset(inspect.signature(get_solver(name).fn).parameters) - common
+
+
 def solve(name: str, model_fn, schedule: NoiseSchedule, x: Tensor, t: Tensor, t_prime: Tensor | None = None,
-          *, order: int | None = None, cond: Any = None, uc: Any = None, **options) -> Tensor:
+          *, order: int | None = None, cond: Any = None, uc: Any = None, plans: dict | None = None,
+          **options) -> Tensor:
     """Run solver ``name`` from x = x_T along ``t`` (network at ``t_prime``).
 
     ``options`` are the solver's own keywords (``variant`` for uni_pc, ``lower_order_final`` for the
     multistep solvers); an option the solver does not have is an error, not silently ignored.
+    ``plans``: a dict shared by rollouts on the same ``t`` (see ``Grid``), or None.
     """
     info = get_solver(name)
     order = info.default_order if order is None else int(order)
     if not info.min_order <= order <= info.max_order:
         raise ValueError(f"{name} supports orders {info.min_order}-{info.max_order}, got {order}")
-    own = set(inspect.signature(info.fn).parameters) - {"model_fn", "schedule", "x", "t", "t_prime", "_"}
-    unknown = sorted(set(options) - own)
+    unknown = sorted(set(options) - _options_of(name))
     if unknown:
-        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(own))}")
-    return info.fn(model_fn, schedule, x, t, t_prime, order=order, cond=cond, uc=uc, **options)
+        own = ", ".join(sorted(_options_of(name))) or "none"
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {own}")
+    return info.fn(model_fn, schedule, x, t, t_prime, order=order, cond=cond, uc=uc, plans=plans, **options)
 
 
 def nfe_of(name: str, steps: int) -> int:

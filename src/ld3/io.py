@@ -115,14 +115,16 @@ def _start_helper(initializer: Callable[[], None] | None) -> None:
         initializer()
 
 
-def background_executor(device: torch.device, initializer: Callable[[], None] | None = None) -> Executor:
-    """One helper for work that should overlap the main loop (writing files, drawing figures).
+def background_executor(device: torch.device, initializer: Callable[[], None] | None = None,
+                        processes: int = 1) -> Executor:
+    """Helpers for work that should overlap the main loop (writing files, drawing figures).
 
-    On a Linux CPU run a forked process: the main loop and the helper would otherwise share one
-    interpreter lock. With an accelerator (whose state must not be forked) or elsewhere a thread:
-    the main thread then mostly waits on the device. ``initializer`` runs first in the helper.
+    On a Linux CPU run ``processes`` forked processes: the main loop and a helper would otherwise
+    share one interpreter lock. With an accelerator (whose state must not be forked) or elsewhere
+    one thread: the main thread then mostly waits on the device. ``initializer`` runs first in
+    each helper.
     """
     if device.type == "cpu" and sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"),
+        return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("fork"),
                                    initializer=_start_helper, initargs=(initializer,))
     return ThreadPoolExecutor(max_workers=1, initializer=initializer)

@@ -69,10 +69,14 @@ class Rollout:
         self.model, self.spec = model, spec
         self.fn = CountingFn(model.noise_fn, checkpointed=low_gpu)
 
-    def latents(self, z: Tensor, t: Tensor, tp: Tensor | None = None, cond: Any = None, uc: Any = None) -> Tensor:
+    def latents(self, z: Tensor, t: Tensor, tp: Tensor | None = None, cond: Any = None, uc: Any = None,
+                plans: dict | None = None) -> Tensor:
         x = self.model.schedule.prior(z)
         return solve(self.spec.name, self.fn, self.model.schedule, x, t, tp, order=self.spec.order,
-                     cond=cond, uc=uc, **self.spec.options)
+                     cond=cond, uc=uc, plans=plans, **self.spec.options)
 
-    def __call__(self, z: Tensor, t: Tensor, tp: Tensor | None = None, cond: Any = None, uc: Any = None) -> Tensor:
-        return self.model.decode(self.latents(z, t, tp, cond, uc))
+    def __call__(self, z: Tensor, t: Tensor, tp: Tensor | None = None, cond: Any = None, uc: Any = None,
+                 plans: dict | None = None) -> Tensor:
+        """Images from unit noise ``z``. ``plans``: a dict shared by calls on the same (t, t'), in which
+        the solver keeps its coefficients (computed by the first call, reused by the others)."""
+        return self.model.decode(self.latents(z, t, tp, cond, uc, plans))

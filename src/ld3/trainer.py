@@ -32,7 +32,7 @@ from ld3.timing import Timed
 
 log = logging.getLogger("ld3")
 
-Student = Callable[[Tensor, Tensor, Tensor, Any, Any], Tensor]  # (z', t, t', c, uc) -> image
+Student = Callable[..., Tensor]  # (z', t, t', c, uc, plans=dict) -> image; see ld3.student.Rollout
 Distance = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -86,11 +86,8 @@ def _clip_grad_norm_(p: Tensor, max_norm: float) -> None:
 
 
 def _project(zp: Tensor, z: Tensor, r: float) -> Tensor:
-    """Project each row of z' onto the ball ||z' - z|| <= r."""
-    d = zp - z
-    norm = d.flatten(1).norm(dim=1).clamp_min(1e-30)
-    scale = torch.clamp(r / norm, max=1.0).reshape(-1, *([1] * (z.ndim - 1)))
-    return z + d * scale
+    """Project each row of z' onto the ball ||z' - z|| <= r (renorm: rows longer than r scaled to r)."""
+    return z + torch.renorm(zp - z, p=2, dim=0, maxnorm=r)
 
 
 class LD3Trainer:
@@ -149,9 +146,10 @@ class LD3Trainer:
             self.disc.params1.copy_(state["params1"])
             self.disc.params2.copy_(state["params2"])
 
-    def _losses(self, zp: Tensor, img: Tensor, cond: Any, uc: Any, t: Tensor, tp: Tensor) -> Tensor:
+    def _losses(self, zp: Tensor, img: Tensor, cond: Any, uc: Any, t: Tensor, tp: Tensor,
+                plans: dict | None = None) -> Tensor:
         c0 = self.count_calls()
-        out = self.distance(self.student(zp, t, tp, cond, uc), img)
+        out = self.distance(self.student(zp, t, tp, cond, uc, plans=plans), img)
         self._last_calls = self.count_calls() - c0
         return out
 
@@ -163,13 +161,13 @@ class LD3Trainer:
                                  "--lr_time_1 / --lr_time_2, or --shift_lr")
 
     def _move_latents(self, zp: Tensor, z: Tensor, grad: Tensor, old: Tensor, img: Tensor, cond: Any, uc: Any,
-                      t: Tensor, tp: Tensor, key: str) -> tuple[Tensor, int]:
+                      t: Tensor, tp: Tensor, key: str, plans: dict) -> tuple[Tensor, int]:
         """One SGD step of z', projected on the ball; kept only where the loss went down."""
         if self.cfg.bound <= 0 or self.shift_lr <= 0:
             return zp, 0
         cand = _project(zp - self.shift_lr * grad, z, self.cfg.bound)
         with torch.no_grad():
-            new = self._losses(cand, img, cond, uc, t.detach(), tp.detach())
+            new = self._losses(cand, img, cond, uc, t.detach(), tp.detach(), plans)
         self.nfe[key] += self._last_calls * zp.shape[0]
         keep = (new < old).reshape(-1, *([1] * (zp.ndim - 1)))
         return torch.where(keep, cand, zp), int(keep.sum())
@@ -178,10 +176,10 @@ class LD3Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         t, tp = self.disc()
-        total, n = 0.0, len(self.valid)
+        total, n, plans = 0.0, len(self.valid), {}
         for idx in _batches(n, self.cfg.valid_batch_size):
             c, uc = self._cond(self.valid, idx)
-            loss = self._losses(self.zp_valid[idx], self.img_valid[idx], c, uc, t, tp)
+            loss = self._losses(self.zp_valid[idx], self.img_valid[idx], c, uc, t, tp, plans)
             self.nfe["validation"] += self._last_calls * len(idx)
             self._check_finite(loss, t, tp, "the validation loss")
             total += float(loss.sum())
@@ -189,18 +187,18 @@ class LD3Trainer:
 
     def move_valid_latents(self) -> int:
         """One pass over the validation set moving its z' (times untouched)."""
-        moved = 0
+        moved, plans = 0, {}
         with torch.no_grad():
             t, tp = self.disc()
         for idx in _batches(len(self.valid), self.cfg.valid_batch_size):
             c, uc = self._cond(self.valid, idx)
             zp = self.zp_valid[idx].clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = self._losses(zp, self.img_valid[idx], c, uc, t, tp)
+                loss = self._losses(zp, self.img_valid[idx], c, uc, t, tp, plans)
                 grad, = torch.autograd.grad(loss.sum(), zp)
             self.nfe["latent_moves"] += self._last_calls * len(idx)
             new, k = self._move_latents(zp.detach(), self.z_valid[idx], grad, loss.detach(), self.img_valid[idx],
-                                        c, uc, t, tp, "latent_moves")
+                                        c, uc, t, tp, "latent_moves", plans)
             self.zp_valid[idx] = new
             moved += k
         return moved
@@ -241,14 +239,16 @@ class LD3Trainer:
             c, uc = self._cond(self.train, idx)
             zp = self.zp_train[idx].clone().requires_grad_(True)
             t, tp = self.disc()
-            loss_vec = self._losses(zp, self.img_train[idx], c, uc, t, tp)
+            plans: dict = {}  # the solver's coefficients for (t, t'), shared with the latent move's check
+            loss_vec = self._losses(zp, self.img_train[idx], c, uc, t, tp, plans)
             self.nfe["train"] += self._last_calls * len(idx)
             self._check_finite(loss_vec, t, tp, "the training loss")
             self.disc.params1.grad = self.disc.params2.grad = None  # zero_grad(set_to_none=True), cheaper
             loss_vec.mean().backward()
             # latent move under the times that produced the gradient
             new, _ = self._move_latents(zp.detach(), self.z_train[idx], zp.grad * len(idx), loss_vec.detach(),
-                                        self.img_train[idx], c, uc, t.detach(), tp.detach(), "latent_moves")
+                                        self.img_train[idx], c, uc, t.detach(), tp.detach(), "latent_moves",
+                                        plans)
             self.zp_train[idx] = new
             if learn1:
                 _clip_grad_norm_(self.disc.params1, 1.0)

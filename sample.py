@@ -158,7 +158,7 @@ def _distances(cfg: dict, device: torch.device) -> dict:
 
 
 def run_sample(cfg: dict, argv: list[str] | None) -> Path:
-    from ld3.data import save_png, to_uint8
+    from ld3.data import save_pngs, to_uint8
     from ld3.evaluate import (fresh_noise, sampling_seed, save_grid_png, save_npz, teacher_config,
                               teacher_times)
 
@@ -217,8 +217,7 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
             img = roll(z.to(device), t.to(device), None if tp is None else tp.to(device), c, uc).clamp(-1, 1)
             chunks.append(to_uint8(img))
             if cfg.get("save_png"):
-                for j in range(m):
-                    save_png(out_dir / "images", start + j, img[j])
+                save_pngs(out_dir / "images", range(start, start + m), img)
             kt = min(m, k_teacher - start)
             if dists and kt > 0:
                 ti = teacher_roll(z[:kt].to(device), t_teacher.to(device), None,

@@ -7,6 +7,7 @@ C x H x W), ``c`` and ``uc`` (condition / unconditional condition, or None).
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ld3.config import UserError
 from models.base import index_generator
-from ld3.io import atomic_torch_save, safe_load
+from ld3.io import _atomic_write_bytes, atomic_torch_save, safe_load
 
 FILE_PATTERN = "latent_*.pt"
 
@@ -49,19 +50,14 @@ def save_sample(folder: Path, index: int, latent: Tensor, img: Tensor, c: Any = 
     return path
 
 
-def save_png(folder: Path, index: int, img: Tensor) -> Path:
+def save_pngs(folder: Path, indices: Sequence[int], imgs: Tensor) -> None:
+    """Images (N x C x H x W in [-1, 1]) as ``{index:06d}.png``, converted to 8 bits in one go."""
     from PIL import Image
 
-    from ld3.io import _atomic_write_bytes
-    import io
-
-    arr = to_uint8(img[None])[0]
-    im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    path = Path(folder) / f"{index:06d}.png"
-    _atomic_write_bytes(path, buf.getvalue())
-    return path
+    for i, arr in zip(indices, to_uint8(imgs)):
+        buf = io.BytesIO()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+        _atomic_write_bytes(Path(folder) / f"{i:06d}.png", buf.getvalue())
 
 
 def to_uint8(img: Tensor) -> np.ndarray:

@@ -268,7 +268,9 @@ class LD3Trainer:
             self.history.append(rec)
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(phase=self.phase, loss=f"{rec['train_loss']:.4g}", best=f"{self.best_loss:.4g}")
+                # refresh=False: redrawn at tqdm's own pace (10/s), not after every step
+                pbar.set_postfix(phase=self.phase, loss=f"{rec['train_loss']:.4g}", best=f"{self.best_loss:.4g}",
+                                 refresh=False)
         moved = self.move_valid_latents()
         if moved == 0:
             self.shift_lr *= cfg.shift_lr_decay

@@ -257,7 +257,7 @@ def _unipc_table(g: Grid, variant: str, kmax: int) -> list[tuple[tuple[Tensor, T
     for k in range(kmax, 4):  # a table with more orders serves too
         if ("uni_pc", variant, k) in g.plans:
             return g.plans[("uni_pc", variant, k)]
-    lam, steps = g.lam_v, g.steps
+    lam = g.lam_v
     h = lam[1:] - lam[:-1]
     hh = -h
     phi = torch.expm1(hh)  # h phi_1
@@ -275,15 +275,16 @@ def _unipc_table(g: Grid, variant: str, kmax: int) -> list[tuple[tuple[Tensor, T
             phi = phi / hh - 1.0 / fact  # h phi_{p+1}
             bs.append(phi / b_h if fact == 1 else phi * (fact / b_h))
             fact *= p + 1
-        # lambda_{i-1}, lambda_{i-2}, with placeholders before the start
-        pad = torch.cat([lam.detach()[:1] - torch.tensor([2.0, 1.0], dtype=lam.dtype, device=lam.device), lam])
-        r1 = (pad[1:steps + 1] - lam[:-1]) / h
+        # r_1 = (lambda_{i-1} - lambda_i) / h_i = -h_{i-1} / h_i, r_2 = r_1 - h_{i-2} / h_i; before the
+        # start h_{-1} = h_{-2} = h_0 stand in (rows never used, but finite, with r_1 != r_2 != 1)
+        h1 = torch.cat([h[:1], h[:-1]])
+        r1 = -h1 / h
         p1 = half / r1  # rho^p = 1/2
         rho1 = (bs[1] - bs[0]) / (r1 - 1.0)  # nodes (r1, 1)
         q1, qn = nc * rho1 / r1, nc * (bs[0] - rho1)
         tables.append((torch.stack([a, b - p1, p1], 1), torch.stack([a, b - q1 - qn, qn, q1], 1)))
     if kmax >= 3:
-        r2 = (pad[:steps] - lam[:-1]) / h
+        r2 = r1 - torch.cat([h[:1], h1[:-1]]) / h
         rho1 = (bs[1] - r2 * bs[0]) / (r1 - r2)  # predictor, nodes (r1, r2)
         p1, p2 = nc * rho1 / r1, nc * (bs[0] - rho1) / r2
         d12, d1, d2 = r1 - r2, r1 - 1.0, r2 - 1.0  # corrector, nodes (r1, r2, 1)

@@ -1,7 +1,8 @@
 """LD3's learnable discretization: params1 -> times t, params2 -> decoupled network times t'.
 
 ``lambda`` mode (pixel / EDM models):
-    u = cumsum(softmax(params1)),  u <- (u - u_0) / (u_S - u_0)          (u_0 = 0, u_S = 1)
+    u_0 = 0, u_i = cumsum(softmax(params1[1:]))_i   (the paper's cumsum(softmax(params1)) rescaled
+                                                     to (u - u_0) / (u_S - u_0): the same map)
     lambda_i = lambda(T) + u_i (lambda(t_min) - lambda(T)),  t_i = t(lambda_i)
     lambda'_i = lambda_i + clamp(params2_i, -w, w) for 0 < i < S,  t'_i = t(lambda'_i)
     w = win_rate * min_i |lambda_{i+1} - lambda_i|  (no gradient through w)
@@ -39,10 +40,15 @@ class LearnedDiscretization(nn.Module):
         return self.schedule.lambda_(t) if self.time_mode == "lambda" else t
 
     def grid(self) -> Tensor:
-        """The monotone grid in the learning variable (lambda or t), from params1."""
-        u = torch.cumsum(torch.softmax(self.params1, 0), 0)
-        u = (u - u[0]) / (u[-1] - u[0])
-        return self.ends[0] + u * (self.ends[1] - self.ends[0])
+        """The monotone grid in the learning variable (lambda or t), from params1.
+
+        The paper's u = cumsum(softmax(params1)), rescaled to (u - u_0) / (u_S - u_0), gives interval i
+        the share softmax(params1)_i / sum_{j >= 1} softmax(params1)_j = softmax(params1[1:])_i:
+        computed so (params1[0] has no effect, there as here), with the end points set exactly.
+        """
+        u = torch.cumsum(torch.softmax(self.params1[1:], 0), 0)
+        span = self.ends[1:] - self.ends[:1]
+        return torch.cat([self.ends[:1], self.ends[:1] + u[:-1] * span, self.ends[1:]])
 
     def forward(self) -> tuple[Tensor, Tensor]:
         """(t, t'), each of length S + 1; end points exactly T and t_min, never shifted."""

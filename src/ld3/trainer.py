@@ -78,11 +78,19 @@ def _batches(n: int, bs: int, order: list[int] | None = None) -> list[list[int]]
     return [idx[i:i + bs] for i in range(0, n, bs)]
 
 
+def _selector(idx: list[int]) -> slice | Tensor:
+    """Rows ``idx`` as a slice when they are consecutive (validation batches, batches of one), else
+    as an index tensor: a list index is converted to a tensor at every use."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return torch.tensor(idx)
+
+
 def _clip_grad_norm_(p: Tensor, max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_([p], max_norm)`` for one tensor (same result), without the
     grouping and bookkeeping of the general function, which cost more than the arithmetic here."""
     if p.grad is not None:
-        p.grad.mul_(torch.clamp(max_norm / (torch.linalg.vector_norm(p.grad) + 1e-6), max=1.0))
+        p.grad.mul_(min(max_norm / (float(torch.linalg.vector_norm(p.grad)) + 1e-6), 1.0))
 
 
 def _project(zp: Tensor, z: Tensor, r: float) -> Tensor:
@@ -128,12 +136,12 @@ class LD3Trainer:
         self.round = 0  # rounds finished overall
 
     # ------------------------------------------------------------------ helpers
-    def _cond(self, sset: SampleSet, idx: list[int]) -> tuple[Any, Any]:
+    def _cond(self, sset: SampleSet, idx: list[int], sel: slice | Tensor) -> tuple[Any, Any]:
         def pick(v):
             if v is None:
                 return None
             if isinstance(v, Tensor):
-                return v[idx].to(self.device)
+                return v[sel].to(self.device)
             return [v[i] for i in idx]
 
         return pick(sset.c), pick(sset.uc)
@@ -153,9 +161,10 @@ class LD3Trainer:
         self._last_calls = self.count_calls() - c0
         return out
 
-    def _check_finite(self, loss: Tensor, t: Tensor, tp: Tensor, what: str) -> None:
-        # The loss is computed from t and t': a NaN or infinity in them makes it non-finite too.
-        if not bool(torch.isfinite(loss).all()):
+    def _check_finite(self, value: float, what: str) -> None:
+        """``value``: a sum or mean of the step's losses, already read back (one NaN or infinity in the
+        losses makes it non-finite; the losses come from t and t', so a bad time shows too)."""
+        if not math.isfinite(value):
             raise NumericalError(f"{what} became NaN or infinite at optimizer step {self.step} "
                                  f"(phase {self.phase}); the best checkpoint is kept. Try a smaller "
                                  "--lr_time_1 / --lr_time_2, or --shift_lr")
@@ -178,11 +187,12 @@ class LD3Trainer:
         t, tp = self.disc()
         total, n, plans = 0.0, len(self.valid), {}
         for idx in _batches(n, self.cfg.valid_batch_size):
-            c, uc = self._cond(self.valid, idx)
-            loss = self._losses(self.zp_valid[idx], self.img_valid[idx], c, uc, t, tp, plans)
+            sel = _selector(idx)
+            c, uc = self._cond(self.valid, idx, sel)
+            loss = self._losses(self.zp_valid[sel], self.img_valid[sel], c, uc, t, tp, plans)
             self.nfe["validation"] += self._last_calls * len(idx)
-            self._check_finite(loss, t, tp, "the validation loss")
             total += float(loss.sum())
+            self._check_finite(total, "the validation loss")
         return total / n
 
     def move_valid_latents(self) -> int:
@@ -191,15 +201,16 @@ class LD3Trainer:
         with torch.no_grad():
             t, tp = self.disc()
         for idx in _batches(len(self.valid), self.cfg.valid_batch_size):
-            c, uc = self._cond(self.valid, idx)
-            zp = self.zp_valid[idx].clone().requires_grad_(True)
+            sel = _selector(idx)
+            c, uc = self._cond(self.valid, idx, sel)
+            zp = self.zp_valid[sel].clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = self._losses(zp, self.img_valid[idx], c, uc, t, tp, plans)
+                loss = self._losses(zp, self.img_valid[sel], c, uc, t, tp, plans)
                 grad, = torch.autograd.grad(loss.sum(), zp)
             self.nfe["latent_moves"] += self._last_calls * len(idx)
-            new, k = self._move_latents(zp.detach(), self.z_valid[idx], grad, loss.detach(), self.img_valid[idx],
+            new, k = self._move_latents(zp.detach(), self.z_valid[sel], grad, loss.detach(), self.img_valid[sel],
                                         c, uc, t, tp, "latent_moves", plans)
-            self.zp_valid[idx] = new
+            self.zp_valid[sel] = new
             moved += k
         return moved
 
@@ -236,20 +247,23 @@ class LD3Trainer:
         for idx in _batches(len(self.train), cfg.train_batch_size, order):
             if self.stop:
                 break
-            c, uc = self._cond(self.train, idx)
-            zp = self.zp_train[idx].clone().requires_grad_(True)
+            sel = _selector(idx)
+            c, uc = self._cond(self.train, idx, sel)
+            zp = self.zp_train[sel].clone().requires_grad_(True)
             t, tp = self.disc()
             plans: dict = {}  # the solver's coefficients for (t, t'), shared with the latent move's check
-            loss_vec = self._losses(zp, self.img_train[idx], c, uc, t, tp, plans)
+            loss_vec = self._losses(zp, self.img_train[sel], c, uc, t, tp, plans)
             self.nfe["train"] += self._last_calls * len(idx)
-            self._check_finite(loss_vec, t, tp, "the training loss")
+            train_loss = float(loss_vec.detach().mean())
+            self._check_finite(train_loss, "the training loss")
             self.disc.params1.grad = self.disc.params2.grad = None  # zero_grad(set_to_none=True), cheaper
             loss_vec.mean().backward()
             # latent move under the times that produced the gradient
-            new, _ = self._move_latents(zp.detach(), self.z_train[idx], zp.grad * len(idx), loss_vec.detach(),
-                                        self.img_train[idx], c, uc, t.detach(), tp.detach(), "latent_moves",
+            grad = zp.grad if len(idx) == 1 else zp.grad * len(idx)  # of each sample's own loss
+            new, _ = self._move_latents(zp.detach(), self.z_train[sel], grad, loss_vec.detach(),
+                                        self.img_train[sel], c, uc, t.detach(), tp.detach(), "latent_moves",
                                         plans)
-            self.zp_train[idx] = new
+            self.zp_train[sel] = new
             if learn1:
                 _clip_grad_norm_(self.disc.params1, 1.0)
                 self.opt1.step()
@@ -258,7 +272,7 @@ class LD3Trainer:
                 self.opt2.step()
             self.step += 1
             rec = {"step": self.step, "phase": self.phase, "round": self.round + 1,
-                   "train_loss": float(loss_vec.detach().mean()), "lr1": self.opt1.param_groups[0]["lr"],
+                   "train_loss": train_loss, "lr1": self.opt1.param_groups[0]["lr"],
                    "lr2": self.opt2.param_groups[0]["lr"]}
             if self.step % cfg.valid_every == 0:
                 val = self.validate()

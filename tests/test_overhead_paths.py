@@ -1,0 +1,161 @@
+"""The pieces that keep main.py's wall time close to the network's (issue: speed and memory):
+network timing with gradient hooks, solver coefficients shared between rollouts, the trainer's
+cheaper small ops, figures drawn by helpers, PNGs converted per batch. Each is checked against
+the plain computation it replaces."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ld3.data import save_pngs, to_uint8
+from ld3.figures import FigureHelper
+from ld3.timing import Timed
+from ld3.trainer import _clip_grad_norm_, _project
+from models.analytic import digits_gmm_model
+from samplers.discretizations import get_discretization
+from samplers.solvers import Grid, combine, solve
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- timing
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward sleeps ``seconds``."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        time.sleep(ctx.seconds)
+        return g, None
+
+
+def _net(x, *_):
+    time.sleep(0.02)
+    return _SlowBackward.apply(x * 2.0, 0.03)
+
+
+def test_timed_counts_forward_and_backward_of_the_call_only():
+    """Three calls, each 20 ms forward and 30 ms backward, between solver-like ops whose backward
+    sleeps 50 ms: the clock holds ~60 ms forward and ~90 ms backward, not the 150 ms outside."""
+    timed = Timed(_net)
+    x = torch.ones(3, requires_grad=True)
+    y = x
+    for _ in range(3):
+        y = _SlowBackward.apply(timed(y) + 1.0, 0.05)
+    y.sum().backward()
+    c = timed.clock
+    assert c.calls == 3
+    assert 0.06 <= c.forward_s < 0.06 + 0.05
+    assert 0.09 <= c.backward_s < 0.09 + 0.05, c.backward_s
+    assert torch.equal(x.grad, torch.full((3,), 8.0))  # the hooks leave gradients alone
+
+
+def test_timed_disabled_or_without_grad_only_counts():
+    timed = Timed(lambda x: x * 3.0, enabled=False)
+    timed(torch.ones(2))
+    assert timed.clock.calls == 1 and timed.clock.total_s == 0.0
+    on = Timed(lambda x: x * 3.0)
+    with torch.no_grad():
+        out = on(torch.ones(2, requires_grad=True))
+    assert on.clock.calls == 1 and on.clock.backward_s == 0.0 and not out.requires_grad
+
+
+# --------------------------------------------------------------------------- solver coefficients
+def test_combine_is_the_linear_combination():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    w = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    assert torch.allclose(combine(w, xs), sum(w[0, j] * xs[j] for j in range(4)), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["uni_pc", "ipndm", "dpm_solver++", "heun", "euler", "dpm_solver"])
+def test_shared_plans_give_the_same_rollouts(name):
+    """A training step's two rollouts share ``plans``: the second (no gradient, detached times)
+    gives exactly what a rollout computing its own coefficients gives, and the first's gradient
+    is unchanged."""
+    model = digits_gmm_model()
+    sch = model.schedule
+    x = sch.prior(torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(1)))
+    t0 = get_discretization("edm", sch, 6 if name != "heun" else 3)
+    grads = []
+    for share in (False, True):
+        t = t0.clone().requires_grad_(True)
+        tp = (t0 * 1.01).clamp(max=sch.T).requires_grad_(True)
+        plans = {} if share else None
+        out = solve(name, model.noise_fn, sch, x, t, tp, plans=plans)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), [t, tp]))
+        with torch.no_grad():
+            again = solve(name, model.noise_fn, sch, x * 0.5, t.detach(), tp.detach(), plans=plans)
+            fresh = solve(name, model.noise_fn, sch, x * 0.5, t.detach(), tp.detach())
+        assert torch.equal(again, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_plans_of_other_times_are_refused():
+    model = digits_gmm_model()
+    sch = model.schedule
+    x = torch.zeros(1, *model.latent_shape, dtype=torch.float64)
+    plans: dict = {}
+    Grid(model.noise_fn, sch, x, get_discretization("edm", sch, 4), None, None, None, plans)
+    with pytest.raises(ValueError, match="other times"):
+        Grid(model.noise_fn, sch, x.float(), get_discretization("edm", sch, 4), None, None, None, plans)
+    with pytest.raises(ValueError, match="other times"):
+        Grid(model.noise_fn, sch, x, get_discretization("edm", sch, 5), None, None, None, plans)
+
+
+# --------------------------------------------------------------------------- trainer pieces
+def test_clip_grad_norm_matches_torch():
+    for scale in (1e-3, 1.0, 50.0):
+        a = torch.nn.Parameter(torch.randn(7, dtype=torch.float64))
+        b = torch.nn.Parameter(a.detach().clone())
+        a.grad = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * scale
+        b.grad = a.grad.clone()
+        torch.nn.utils.clip_grad_norm_([a], 1.0)
+        _clip_grad_norm_(b, 1.0)
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_project_onto_the_ball():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    d = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    d[:2] *= 0.01 / d[:2].flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)  # rows 0-1 inside r = 0.05
+    d[2:] *= 0.2 / d[2:].flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)  # rows 2-3 outside
+    p = _project(z + d, z, 0.05)
+    assert torch.allclose(p[:2], (z + d)[:2], rtol=0, atol=1e-15)
+    moved = (p - z)[2:].flatten(1)
+    assert torch.allclose(moved.norm(dim=1), torch.full((2,), 0.05, dtype=torch.float64), rtol=1e-6)
+    cos = (moved * d[2:].flatten(1)).sum(1) / (moved.norm(dim=1) * d[2:].flatten(1).norm(dim=1))
+    assert torch.allclose(cos, torch.ones(2, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- figures and files
+def test_figure_helpers_draw_and_report_errors(tmp_path):
+    history = [{"step": 0, "phase": 0, "valid_loss": 0.5, "best_valid": 0.5},
+               {"step": 1, "phase": 1, "train_loss": 0.4, "valid_loss": 0.3, "best_valid": 0.3},
+               {"step": 2, "phase": 2, "train_loss": 0.2, "valid_loss": 0.25, "best_valid": 0.25}]
+    with FigureHelper(CPU) as fig:
+        fig.draw("plot_curves", history, tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as im:
+        assert im.size[0] > 100
+    with pytest.raises(TypeError):
+        with FigureHelper(CPU) as fig:
+            fig.draw("plot_curves", None, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_pngs_hold_the_images(tmp_path):
+    img = torch.rand(3, 1, 5, 6, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    save_pngs(tmp_path, [7, 8, 9], img)
+    for j, i in enumerate((7, 8, 9)):
+        with Image.open(tmp_path / f"{i:06d}.png") as im:
+            assert np.array_equal(np.asarray(im), to_uint8(img)[j][..., 0])

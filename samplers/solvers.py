@@ -37,8 +37,16 @@ def combine(coefs: Tensor, tensors: list[Tensor]) -> Tensor:
     One autograd node (and one in backward) for the whole linear combination, where a chain of
     multiply-adds with scalar tensors costs several per term: next to a small network, the
     bookkeeping of these scalar ops, not their arithmetic, was most of a rollout's overhead.
+    When float32 matrix products may use reduced precision (TF32 or bfloat16, after
+    ``torch.set_float32_matmul_precision("high")``), the sum is taken term by term instead.
     """
-    return torch.mm(coefs, torch.stack(tensors).view(len(tensors), -1)).view(tensors[0].shape)
+    x = tensors[0]
+    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        out = coefs[0, 0] * x
+        for j in range(1, len(tensors)):
+            out = torch.addcmul(out, coefs[0, j], tensors[j])
+        return out
+    return torch.mm(coefs, torch.stack(tensors).view(len(tensors), -1)).view(x.shape)
 
 
 class Grid:

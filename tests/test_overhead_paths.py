@@ -78,6 +78,21 @@ def test_combine_is_the_linear_combination():
     assert torch.allclose(combine(w, xs), sum(w[0, j] * xs[j] for j in range(4)), rtol=0, atol=1e-14)
 
 
+def test_combine_keeps_float32_precision_when_matmuls_may_not():
+    """With TF32 / bfloat16 products allowed, combine sums term by term (full float32)."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(2, 3, 4, 4, generator=g) for _ in range(3)]
+    w = torch.randn(1, 3, generator=g)
+    exact = sum(w[0, j].double() * xs[j].double() for j in range(3))
+    old = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            assert (combine(w, xs).double() - exact).abs().max() < 1e-5, precision
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 @pytest.mark.parametrize("name", ["uni_pc", "ipndm", "dpm_solver++", "heun", "euler", "dpm_solver"])
 def test_shared_plans_give_the_same_rollouts(name):
     """A training step's two rollouts share ``plans``: the second (no gradient, detached times)

@@ -1,0 +1,259 @@
+"""Configuration: a yml file gives the default of every argument; command-line flags override it.
+
+One table (``OPTIONS``) names every option, its type, default and help; ``gen_data.py``,
+``main.py`` and ``sample.py`` build their parsers from it. A yml key that is not in the
+table is kept (and passed on) but warned about, with the nearest known key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("ld3")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported as one line, exit status 2."""
+
+
+def str2bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def _none_or(tp):
+    def conv(v):
+        if v is None or str(v).lower() in ("none", "null", ""):
+            return None
+        return tp(v)
+
+    conv.__name__ = tp.__name__
+    return conv
+
+
+@dataclass(frozen=True)
+class Opt:
+    type: Any
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+# name -> Opt. Keys and defaults follow the paper's code; ours are marked (ours).
+OPTIONS: dict[str, Opt] = {
+    # model
+    "model": Opt(str, "digits_gmm", "model family: edm, digits_unet, digits_gmm, gaussian, latent_diff, "
+                 "conditioned_latent_diff (ours)"),
+    "ckp_path": Opt(_none_or(str), None, "checkpoint file or folder of the pre-trained model"),
+    "config": Opt(_none_or(str), None, "original (CompVis) yaml config of a latent diffusion checkpoint"),
+    "H": Opt(_none_or(int), None, "decoded image height (latent models)"),
+    "W": Opt(_none_or(int), None, "decoded image width (latent models)"),
+    "C": Opt(_none_or(int), None, "latent channels (latent models)"),
+    "f": Opt(_none_or(int), None, "autoencoder down-sampling factor (latent side = H // f)"),
+    "schedule": Opt(str, "ve", "noise schedule of analytic models: ve or vp_discrete (ours)"),
+    "dataset": Opt(_none_or(str), None, "which GITS table (cifar10, ffhq, afhqv2, lsun, sd); default: inferred "
+                   "from model and ckp_path as the paper's code does"),
+    "use_ema": Opt(str2bool, False, "use the EMA weights of a latent diffusion checkpoint (the paper's code never does)"),
+    "scale": Opt(float, 1.0, "classifier-free guidance scale"),
+    "num_prompts": Opt(int, 5, "Stable Diffusion: number of prompts read from prompt_path"),
+    "prompt_path": Opt(_none_or(str), None, "Stable Diffusion: MS-COCO captions json"),
+    "time_mode": Opt(str, "auto", "LD3 parameterization: lambda (pixel/EDM), time (latent), auto (the model's)",
+                     ("auto", "lambda", "time")),
+    "device": Opt(_none_or(str), None, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
+    "low_gpu": Opt(str2bool, False, "activation checkpointing of each network call to save memory"),
+    "threads": Opt(_none_or(int), None, "torch CPU threads (default: chosen for the model size) (ours)"),
+    # solver
+    "solver_name": Opt(str, "uni_pc", "student / sampling solver"),
+    "steps": Opt(int, 10, "NFE (number of network evaluations)"),
+    "order": Opt(_none_or(int), None, "solver order (default: the solver's own)"),
+    "skip_type": Opt(str, "edm", "baseline discretization: edm, time_uniform, time_quadratic, logSNR, gits"),
+    "unipc_variant": Opt(str, "bh2", "UniPC variant: bh1 or bh2", ("bh1", "bh2")),
+    "lower_order_final": Opt(str2bool, True, "lower the order of the final multistep steps"),
+    "learn": Opt(str2bool, False, "gen_data: sample with the learned run that main.py's options name"),
+    "fid_folder": Opt(_none_or(str), None, "folder of FID results"),
+    "ref_path": Opt(_none_or(str), None, "FID reference statistics (.npz with mu, sigma)"),
+    "num_multi_steps_fid": Opt(_none_or(int), None, "unused (kept for the paper's configs)"),
+    "load_from": Opt(_none_or(str), None, "sample with a learned discretization (best_v2.pt)"),
+    # gen_data
+    "total_samples": Opt(int, 100, "number of teacher samples"),
+    "sampling_batch_size": Opt(int, 10, "batch size of teacher sampling"),
+    "data_dir": Opt(str, "train_data", "gen_data: root folder; main: the generated folder"),
+    "save_pt": Opt(str2bool, False, "save latent_XXXXXX.pt files"),
+    "save_png": Opt(str2bool, False, "save XXXXXX.png images"),
+    "seed": Opt(int, 0, "random seed"),
+    # main: data
+    "num_train": Opt(int, 50, "number of training samples"),
+    "num_valid": Opt(int, 50, "number of validation samples"),
+    "main_train_batch_size": Opt(int, 1, "training batch size"),
+    "main_valid_batch_size": Opt(int, 10, "validation batch size"),
+    "log_path": Opt(str, "logs", "root folder of runs"),
+    # main: method
+    "loss_type": Opt(str, "LPIPS", "LPIPS, L2 or L1", ("LPIPS", "L2", "L1")),
+    "lpips_size": Opt(int, 32, "LPIPS: images smaller than this are resized up to it (the paper's sizes, 32 and "
+                      "up, are used as they are) (ours)"),
+    "training_rounds_v1": Opt(int, 2, "rounds of phase 1 (params1 only)"),
+    "training_rounds_v2": Opt(int, 5, "rounds of phase 2 (params1 and params2)"),
+    "no_v1": Opt(str2bool, False, "skip phase 1 and learn only params2"),
+    "lr_time_1": Opt(float, 0.005, "RMSprop learning rate of params1"),
+    "lr_time_2": Opt(float, 0.1, "SGD learning rate of params2 (divided by steps)"),
+    "momentum_time_1": Opt(float, 0.9, "RMSprop momentum of params1"),
+    "weight_decay_time_1": Opt(float, 0.0, "RMSprop weight decay of params1"),
+    "min_lr_time_1": Opt(float, 5e-5, "floor of lr_time_1"),
+    "min_lr_time_2": Opt(float, 1e-6, "floor of lr_time_2"),
+    "lr_time_decay": Opt(float, 0.8, "learning-rate decay after patience runs out"),
+    "patient": Opt(int, 5, "validation checks without improvement before decay"),
+    "lr2_patient": Opt(int, 5, "stop after the phase-2 rate hit its floor this many times"),
+    "shift_lr": Opt(_none_or(float), None, "SGD learning rate of the latents z' (default 12 / steps)"),
+    "shift_lr_decay": Opt(float, 0.5, "decay of shift_lr when no validation latent moved in a round"),
+    "prior_bound": Opt(float, 0.0, "radius of the ball around z (used with fix_bound)"),
+    "fix_bound": Opt(str2bool, False, "keep prior_bound instead of 0.001 d / steps^2"),
+    "win_rate": Opt(float, 0.5, "window of t' as a share of the smallest gap"),
+    "match_prior": Opt(str2bool, False, "first fit params1 to the GITS prior schedule"),
+    "use_gits": Opt(str2bool, False, "use the GITS table as the prior (gen_data: sample with it)"),
+    "gits_ts": Opt(_none_or(str), None, "comma-separated EDM sigmas of a prior schedule"),
+    "valid_every": Opt(int, 10, "validate after every k optimizer steps (ours; the paper's code: 1. Measured on "
+                       "the digits U-Net, 10 is as good on fresh noise and twice as fast: see README, Performance)"),
+    "visualize": Opt(str2bool, True, "write plots into the run folder"),
+    "resume": Opt(str2bool, False, "continue a stopped run from its last state (ours)"),
+    "sampling_seed": Opt(_none_or(int), None, "seed of fresh evaluation noise, drawn apart from the teacher noise (default: seed)"),
+    "gmm_components": Opt(int, 40, "number of mixture components of the digits GMM (ours)"),
+    "eval_fresh": Opt(int, 0, "after training, compare with baselines on this many fresh noises (ours)"),
+}
+
+
+def _add_flag(p: argparse.ArgumentParser, name: str, opt: Opt | None, default: Any = argparse.SUPPRESS) -> None:
+    if opt is None:
+        p.add_argument(f"--{name}", default=default, help="(from the yml file)")
+        return
+    kw: dict[str, Any] = dict(default=default, help=f"{opt.help} [default {opt.default!r}]")
+    if opt.type is str2bool:
+        kw.update(nargs="?", const=True, type=str2bool, metavar="BOOL")
+    else:
+        kw.update(type=opt.type)
+        if opt.choices:
+            kw["choices"] = opt.choices
+    p.add_argument(f"--{name}", **kw)
+
+
+def load_yml(path: str | None) -> dict:
+    if not path:
+        raise UserError("--all_config is required: pass a yml file, e.g. --all_config configs/digits.yml")
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} not found: pass an existing yml, e.g. --all_config configs/digits.yml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read config {path}: {str(e).splitlines()[0]}; fix the yml syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of key: value lines")
+    return data
+
+
+def parse_config(argv: list[str] | None = None, description: str = "", extra: dict[str, Opt] | None = None,
+                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Resolve options: table defaults < yml (``--all_config``) < command line. Returns a dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    table = dict(OPTIONS)
+    table.update(extra or {})
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--all_config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    yml: dict = {}
+    if known.all_config is not None or not any(a in ("-h", "--help") for a in argv):
+        yml = load_yml(known.all_config)
+
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--all_config", required=False, help="yml file with the default of every argument (mandatory)")
+    for name, opt in table.items():
+        _add_flag(parser, name, opt)
+    for key in yml:
+        if key not in table:
+            near = difflib.get_close_matches(key, list(table), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            log.warning("config key %r is not a known option%s; it is kept but unused", key, hint)
+            _add_flag(parser, key, None)
+
+    def fail(msg: str) -> None:
+        msg = msg.splitlines()[0]
+        if msg.startswith("unrecognized arguments:"):
+            flags = [a.split("=")[0] for a in msg.split(":", 1)[1].split() if a.startswith("--")]
+            for f in flags:
+                near = difflib.get_close_matches(f[2:], list(table), n=1)
+                if near:
+                    msg += f" (did you mean --{near[0]}?)"
+                    break
+            msg += "; see --help"
+        raise UserError(msg)
+
+    parser.error = fail  # type: ignore[assignment]
+    args = vars(parser.parse_args(argv))
+
+    cfg: dict[str, Any] = {k: o.default for k, o in table.items()}
+    cfg.update(defaults or {})
+    for k, v in yml.items():
+        opt = table.get(k)
+        if opt is not None and v is not None:
+            try:
+                v = opt.type(v)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                raise UserError(f"config key {k}: cannot read {v!r} as {getattr(opt.type, '__name__', opt.type)}")
+            if opt.choices and v not in opt.choices:
+                raise UserError(f"config key {k}: {v!r} is not one of {', '.join(map(str, opt.choices))}")
+        cfg[k] = v
+    cfg.update(args)
+    cfg["all_config"] = known.all_config
+    return cfg
+
+
+def save_config(cfg: dict, path: Path) -> None:
+    from ld3.io import atomic_write_text
+
+    clean = {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, type(None), list))}
+    atomic_write_text(path, yaml.safe_dump(clean, sort_keys=True))
+
+
+def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> logging.Handler | None:
+    """Log to stderr (once) and, if given, to ``log_file``; returns the file handler (to remove later)."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in root.handlers):
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    if log_file is None:
+        return None
+    fh = logging.FileHandler(log_file)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    return fh
+
+
+def run_cli(fn, argv: list[str] | None = None) -> int:
+    """Run ``fn(argv)``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

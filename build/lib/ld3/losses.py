@@ -1,0 +1,71 @@
+"""Per-sample distances between student and teacher images in [-1, 1]: LPIPS (VGG), L2, L1."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ld3.config import UserError
+
+log = logging.getLogger("ld3")
+Distance = Callable[[Tensor, Tensor], Tensor]
+
+
+def l2_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over pixels of the squared difference, one value per sample."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def l1_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over pixels of the absolute difference, one value per sample."""
+    return (a - b).abs().flatten(1).mean(1)
+
+
+def _vgg_weights_file() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+
+
+def lpips_distance(device: torch.device, size: int = 224) -> Distance:
+    """LPIPS with the VGG backbone (``lpips`` package); images smaller than ``size`` are resized up.
+
+    Needs torchvision's VGG16 ImageNet weights; offline they must already be in torch's hub cache.
+    """
+    try:
+        import lpips
+    except ImportError:
+        raise UserError("LPIPS needs the 'lpips' package: pip install lpips==0.1.4, or use --loss_type L2") from None
+    weights = _vgg_weights_file()
+    try:
+        net = lpips.LPIPS(net="vgg", verbose=False)
+    except Exception as e:  # noqa: BLE001 - the download failing offline is the usual cause
+        raise UserError(f"LPIPS could not load its VGG16 weights ({type(e).__name__}): place vgg16-397923af.pth "
+                        f"(from https://download.pytorch.org/models/vgg16-397923af.pth) at {weights}, "
+                        "or use --loss_type L2") from None
+    net = net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+    def dist(a: Tensor, b: Tensor) -> Tensor:
+        if a.shape[1] == 1:
+            a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+        if a.shape[-1] < size:
+            a = F.interpolate(a, size=(size, size), mode="bilinear", align_corners=False)
+            b = F.interpolate(b, size=(size, size), mode="bilinear", align_corners=False)
+        return net(a.float(), b.float()).reshape(-1)
+
+    return dist
+
+
+def make_distance(loss_type: str, device: torch.device, lpips_size: int = 224) -> Distance:
+    if loss_type == "L2":
+        return l2_distance
+    if loss_type == "L1":
+        return l1_distance
+    if loss_type == "LPIPS":
+        return lpips_distance(device, lpips_size)
+    raise UserError(f"unknown loss_type {loss_type!r}; choose LPIPS, L2 or L1")

@@ -1,0 +1,181 @@
+"""Diffusion models with closed-form denoisers: a Gaussian and a Gaussian mixture.
+
+Both return noise predictions eps(x, t) exactly as a trained network wrapper would, for any
+noise schedule, so every solver and the whole LD3 pipeline can run on them, and the
+Gaussian's probability-flow ODE has a closed-form solution to test against.
+
+Forward process x_t = alpha x_0 + sigma eps. For x_0 ~ N(mu, diag(s^2)):
+  x_t ~ N(alpha mu, alpha^2 s^2 + sigma^2),  eps(x, t) = sigma (x - alpha mu) / (alpha^2 s^2 + sigma^2),
+and the ODE keeps (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) constant.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.base import Model
+from samplers.schedules import NoiseSchedule, VESchedule, VPDiscreteSchedule
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if v.ndim == 0:
+        return v
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class GaussianNoise(nn.Module):
+    """Exact noise prediction for x_0 ~ N(mu, diag(std^2)), mu and std of the latent's shape."""
+
+    def __init__(self, schedule: NoiseSchedule, mu: Tensor, std: Tensor):
+        super().__init__()
+        self.schedule = schedule
+        self.register_buffer("mu", mu.to(torch.float64))
+        self.register_buffer("std", std.to(torch.float64))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        a, s = _bcast(self.schedule.alpha(t), x), _bcast(self.schedule.sigma(t), x)
+        mu, std = self.mu.to(x.dtype), self.std.to(x.dtype)
+        return s * (x - a * mu) / (a**2 * std**2 + s**2)
+
+    def exact_solution(self, x_T: Tensor, t_from: float, t_to: float | Tensor) -> Tensor:
+        """x at ``t_to`` on the ODE trajectory through x_T at ``t_from``."""
+        sch = self.schedule
+        tf = torch.as_tensor(t_from, dtype=x_T.dtype)
+        tt = torch.as_tensor(t_to, dtype=x_T.dtype)
+        mu, std = self.mu.to(x_T.dtype), self.std.to(x_T.dtype)
+        af, sf = sch.alpha(tf), sch.sigma(tf)
+        at, st = sch.alpha(tt), sch.sigma(tt)
+        z = (x_T - af * mu) / torch.sqrt(af**2 * std**2 + sf**2)
+        return at * mu + torch.sqrt(at**2 * std**2 + st**2) * z
+
+
+class GMMNoise(nn.Module):
+    """Exact noise prediction for a diagonal Gaussian mixture sum_k pi_k N(mu_k, diag(var_k)).
+
+    Given x_t, component k has likelihood N(x; alpha mu_k, alpha^2 var_k + sigma^2) and
+    denoiser E[x_0 | x_t, k] = mu_k + alpha var_k (x - alpha mu_k) / (alpha^2 var_k + sigma^2);
+    D(x) = sum_k w_k(x) E[x_0 | x_t, k] with posterior weights w_k; eps = (x - alpha D) / sigma.
+    Computed in float64 whatever the input dtype.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, weights: Tensor, means: Tensor, variances: Tensor,
+                 shape: tuple[int, ...]):
+        super().__init__()
+        self.schedule = schedule
+        self.shape = tuple(shape)
+        self.register_buffer("log_w", torch.log(weights.to(torch.float64)))
+        self.register_buffer("means", means.to(torch.float64))  # K x D
+        self.register_buffer("variances", variances.to(torch.float64))  # K x D
+
+    def denoise(self, x: Tensor, t: Tensor) -> Tensor:
+        dtype = x.dtype
+        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        a = self.schedule.alpha(t).reshape(-1, 1, 1) if t.ndim else self.schedule.alpha(t)
+        s = self.schedule.sigma(t).reshape(-1, 1, 1) if t.ndim else self.schedule.sigma(t)
+        var_t = a**2 * self.variances + s**2  # (B|1) x K x D
+        diff = xf[:, None, :] - a * self.means  # B x K x D
+        logp = -0.5 * ((diff**2) / var_t + torch.log(2 * math.pi * var_t)).sum(-1) + self.log_w
+        w = torch.softmax(logp, dim=1)  # B x K
+        post = self.means + a * self.variances * diff / var_t  # B x K x D
+        d = (w[:, :, None] * post).sum(1)
+        return d.reshape(x.shape).to(dtype)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        d = self.denoise(x, t)
+        a, s = _bcast(self.schedule.alpha(t), x), _bcast(self.schedule.sigma(t), x)
+        return (x - a * d) / s
+
+    @torch.no_grad()
+    def sample_data(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        z = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.variances[k].sqrt() * z).reshape(n, *self.shape)
+
+
+def make_schedule(kind: str) -> NoiseSchedule:
+    if kind in ("ve", "edm"):
+        return VESchedule()
+    if kind == "vp_discrete":
+        return VPDiscreteSchedule.linear(1000)
+    raise ValueError(f"unknown schedule {kind!r} for an analytic model; choose ve or vp_discrete")
+
+
+def gaussian_model(schedule: str | NoiseSchedule = "ve", shape: tuple[int, ...] = (1, 8, 8),
+                   seed: int = 0) -> Model:
+    """A Gaussian data distribution with random mean and per-pixel std (deterministic by seed)."""
+    sch = make_schedule(schedule) if isinstance(schedule, str) else schedule
+    g = torch.Generator().manual_seed(seed)
+    mu = 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    std = 0.05 + 0.5 * torch.rand(shape, generator=g, dtype=torch.float64)
+    net = GaussianNoise(sch, mu, std)
+    return Model(name="gaussian", noise_fn=net, schedule=sch, latent_shape=tuple(shape), net=net,
+                 time_mode="lambda" if sch.name == "ve" else "time")
+
+
+def load_digits_array() -> np.ndarray:
+    """The 1797 scikit-learn 8x8 digits, scaled to [-1, 1], shape N x 1 x 8 x 8, and labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.astype(np.float64) / 8.0 - 1.0
+    return x[:, None], d.target
+
+
+def fit_digits_gmm(n_components: int = 40, seed: int = 0, min_var: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
+    """Fit a diagonal GMM to the digits (k-means init, EM; deterministic for a seed)."""
+    from sklearn.mixture import GaussianMixture
+
+    x, _ = load_digits_array()
+    gm = GaussianMixture(n_components=n_components, covariance_type="diag", random_state=seed,
+                         reg_covar=min_var, max_iter=200)
+    gm.fit(x.reshape(len(x), -1))
+    return (torch.as_tensor(gm.weights_), torch.as_tensor(gm.means_), torch.as_tensor(gm.covariances_))
+
+
+_GMM_CACHE: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _cached_fit(n_components: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``fit_digits_gmm``, cached on disk (EM takes seconds; the fit is deterministic per sklearn version)."""
+    import os
+    from importlib.metadata import version
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ld3"
+    path = root / f"digits_gmm_k{n_components}_s{seed}_sklearn{version('scikit-learn')}.pt"
+    try:
+        d = torch.load(path, weights_only=True)
+        return d["weights"], d["means"], d["variances"]
+    except (OSError, KeyError, RuntimeError, EOFError, ValueError):
+        pass
+    w, m, v = fit_digits_gmm(n_components, seed)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"weights": w, "means": m, "variances": v}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # read-only home: fit again next time
+    return w, m, v
+
+
+def digits_gmm_model(schedule: str | NoiseSchedule = "ve", n_components: int = 40, seed: int = 0) -> Model:
+    """Gaussian mixture fitted to the scikit-learn digits, exact denoiser, 1 x 8 x 8."""
+    sch = make_schedule(schedule) if isinstance(schedule, str) else schedule
+    key = (n_components, seed)
+    if key not in _GMM_CACHE:
+        _GMM_CACHE[key] = _cached_fit(n_components, seed)
+    w, m, v = _GMM_CACHE[key]
+    net = GMMNoise(sch, w, m, v, (1, 8, 8))
+    return Model(name="digits_gmm", noise_fn=net, schedule=sch, latent_shape=(1, 8, 8), net=net,
+                 time_mode="lambda" if sch.name == "ve" else "time",
+                 info={"n_components": n_components, "seed": seed})

@@ -1,0 +1,78 @@
+"""Model loaders by name: ``build_model(cfg, device) -> Model``.
+
+Adding a model family = one loader file in ``models/`` + one entry here + one config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models.base import Model
+
+
+try:  # a user mistake: one line, exit status 2, wherever it surfaces (also after loading, e.g. missing prompts)
+    from ld3.config import UserError as _UserFacing
+except ImportError:  # models used without the ld3 package
+    _UserFacing = Exception
+
+
+class ModelError(_UserFacing):
+    """A model cannot be built from the given configuration (bad path, bad name)."""
+
+
+def _analytic(cfg: dict, device: torch.device) -> Model:
+    from models.analytic import digits_gmm_model, gaussian_model
+
+    if cfg.get("schedule") not in ("ve", "edm", "vp_discrete"):
+        raise ModelError(f"schedule {cfg.get('schedule')!r} is not available for analytic models; use ve or vp_discrete")
+    if cfg["model"] == "gaussian":
+        return gaussian_model(cfg["schedule"], seed=0)
+    return digits_gmm_model(cfg["schedule"], n_components=int(cfg.get("gmm_components") or 40))
+
+
+def _edm(cfg: dict, device: torch.device) -> Model:
+    path = cfg.get("ckp_path")
+    if path in (None, "", "embedded", "embedded:digits") or str(path).endswith(".safetensors"):
+        from models.base import edm_model
+        from models.digits_unet import load_digits_denoiser
+
+        weights = None if path in (None, "", "embedded", "embedded:digits") else path
+        if weights is not None and not Path(weights).is_file():
+            raise ModelError(f"checkpoint {weights} not found; the embedded model lives at "
+                             "models/weights/digits_edm_unet.safetensors (set ckp_path: embedded)")
+        den = load_digits_denoiser(weights, device=str(device))
+        return edm_model("digits_unet", den, (den.img_channels, den.img_resolution, den.img_resolution), info={"ckp_path": str(weights or "embedded")})
+    # NVIDIA EDM network pickle (edm-*.pkl), read without the EDM repository
+    from models.edm_pickle import load_edm_model
+
+    return load_edm_model(path, device)
+
+
+def _latent(cfg: dict, device: torch.device) -> Model:
+    """CompVis latent diffusion / Stable Diffusion: the yaml ``config`` says which (LSUN, ImageNet, SD)."""
+    from models.latent_diffusion import load_latent_diffusion
+
+    return load_latent_diffusion(cfg, device)
+
+
+LOADERS: dict[str, Callable[[dict, torch.device], Model]] = {
+    "digits_gmm": _analytic,
+    "gaussian": _analytic,
+    "edm": _edm,
+    "digits_unet": _edm,
+    "latent_diff": _latent,
+    "conditioned_latent_diff": _latent,
+}
+
+
+def build_model(cfg: dict[str, Any], device: torch.device) -> Model:
+    name = cfg.get("model")
+    if name not in LOADERS:
+        raise ModelError(f"unknown model {name!r}; choose from {', '.join(LOADERS)}")
+    model = LOADERS[name](cfg, device)
+    if model.net is not None:
+        model.net.to(device)
+    return model

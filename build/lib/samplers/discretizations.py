@@ -1,0 +1,74 @@
+"""Hand-made (baseline) discretizations: S + 1 strictly decreasing times from T to t_min."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from samplers.schedules import NoiseSchedule
+
+
+def _finish(t: Tensor, schedule: NoiseSchedule) -> Tensor:
+    t = t.clone()
+    t[0], t[-1] = schedule.T, schedule.t_min
+    return t
+
+
+def time_uniform(schedule: NoiseSchedule, steps: int, dtype=torch.float64) -> Tensor:
+    """t uniform from T to t_min."""
+    return _finish(torch.linspace(schedule.T, schedule.t_min, steps + 1, dtype=dtype), schedule)
+
+
+def time_quadratic(schedule: NoiseSchedule, steps: int, dtype=torch.float64) -> Tensor:
+    """sqrt(t) uniform (DPM-Solver's 'time_quadratic')."""
+    s = torch.linspace(math.sqrt(schedule.T), math.sqrt(schedule.t_min), steps + 1, dtype=dtype)
+    return _finish(s**2, schedule)
+
+
+def logsnr(schedule: NoiseSchedule, steps: int, dtype=torch.float64) -> Tensor:
+    """lambda uniform from lambda(T) to lambda(t_min)."""
+    ends = torch.tensor([schedule.T, schedule.t_min], dtype=dtype)
+    lam = schedule.lambda_(ends)
+    return _finish(schedule.t_of_lambda(torch.linspace(float(lam[0]), float(lam[1]), steps + 1, dtype=dtype)),
+                   schedule)
+
+
+def edm(schedule: NoiseSchedule, steps: int, dtype=torch.float64, rho: float = 7.0) -> Tensor:
+    """Karras et al.: sigma_i^(1/rho) uniform, in the EDM noise level sigma/alpha."""
+    ends = schedule.edm_sigma(torch.tensor([schedule.T, schedule.t_min], dtype=dtype))
+    s_max, s_min = float(ends[0]) ** (1 / rho), float(ends[1]) ** (1 / rho)
+    sig = (s_max + torch.linspace(0, 1, steps + 1, dtype=dtype) * (s_min - s_max)) ** rho
+    return _finish(schedule.t_of_edm_sigma(sig), schedule)
+
+
+def from_edm_sigmas(schedule: NoiseSchedule, sigmas, dtype=torch.float64) -> Tensor:
+    """Times of a list of EDM noise levels (e.g. GITS tables), end points pinned to T and t_min."""
+    sig = torch.as_tensor(list(sigmas), dtype=dtype)
+    return _finish(schedule.t_of_edm_sigma(sig), schedule)
+
+
+SKIP_TYPES = {
+    "time_uniform": time_uniform,
+    "time_quadratic": time_quadratic,
+    "logSNR": logsnr,
+    "edm": edm,
+}
+
+
+def get_discretization(skip_type: str, schedule: NoiseSchedule, steps: int, dtype=torch.float64,
+                       solver_name: str | None = None, nfe: int | None = None, dataset: str = "cifar10") -> Tensor:
+    """S + 1 = ``steps + 1`` decreasing times for a baseline ``skip_type`` (or 'gits')."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if skip_type == "gits":
+        from samplers.gits import gits_sigmas
+
+        sig = gits_sigmas(solver_name or "ipndm", nfe if nfe is not None else steps, dataset)
+        if len(sig) != steps + 1:
+            raise ValueError(f"GITS table has {len(sig) - 1} steps, solver needs {steps}")
+        return from_edm_sigmas(schedule, sig, dtype)
+    if skip_type not in SKIP_TYPES:
+        raise ValueError(f"unknown skip_type {skip_type!r}; choose from {sorted(SKIP_TYPES) + ['gits']}")
+    return SKIP_TYPES[skip_type](schedule, steps, dtype)

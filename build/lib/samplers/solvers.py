@@ -1,0 +1,545 @@
+"""ODE solvers for diffusion models, differentiable in x, t and the decoupled network times t'.
+
+Every solver has the signature
+
+    solver(model_fn, schedule, x, t, t_prime=None, *, order, cond=None, uc=None, plans=None, **options)
+
+- ``model_fn(x, t, cond, uc)`` returns the noise prediction eps(x, t);
+- ``t``: 1-D tensor of S + 1 strictly decreasing times (T ... t_min), shared by the batch;
+- ``t_prime``: the times given to the network (default ``t``); the update coefficients
+  (step sizes in lambda, alpha, sigma) always use ``t``;
+- ``x``: x_T, the state at ``t[0]`` (already transformed by ``schedule.prior``).
+
+Notation: alpha_i, sigma_i, lambda_i = log(alpha_i / sigma_i) at t_i, h_i = lambda_{i+1} - lambda_i,
+eps_i the network output at (x_i, t'_i), x0_i = (x_i - sigma_i eps_i) / alpha_i the data prediction.
+
+Each solver calls the network exactly NFE times (table in ``SOLVERS``): multistep solvers
+reuse past outputs, and nothing is evaluated after the last step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from samplers.schedules import NoiseSchedule
+
+
+# --------------------------------------------------------------------------- helpers
+def combine(coefs: Tensor, tensors: list[Tensor]) -> Tensor:
+    """sum_j coefs[0, j] tensors[j] as one matrix product; ``coefs`` is a 1 x k row.
+
+    One autograd node (and one in backward) for the whole linear combination, where a chain of
+    multiply-adds with scalar tensors costs several per term: next to a small network, the
+    bookkeeping of these scalar ops, not their arithmetic, was most of a rollout's overhead.
+    When float32 matrix products may use reduced precision (TF32 or bfloat16, after
+    ``torch.set_float32_matmul_precision("high")``), the sum is taken term by term instead.
+    """
+    x = tensors[0]
+    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        out = coefs[0, 0] * x
+        for j in range(1, len(tensors)):
+            out = torch.addcmul(out, coefs[0, j], tensors[j])
+        return out
+    return torch.mm(coefs, torch.stack(tensors).view(len(tensors), -1)).view(x.shape)
+
+
+class Grid:
+    """alpha, sigma, lambda at every t_i, and the network call at t'_i.
+
+    The one-step update functions (``*_step``) take a ``Grid`` so that a test can start a single
+    update from any state and history; the solvers are loops over them.
+
+    ``plans``: a dict in which the grid keeps what depends on t only (the schedule's values, the
+    solvers' coefficient tables). Rollouts on the same times (a training step's rollout and the
+    check of its latent move) may pass the same dict and compute them once.
+    """
+
+    def __init__(self, model_fn, schedule: NoiseSchedule, x: Tensor, t: Tensor, t_prime: Tensor | None,
+                 cond: Any, uc: Any, plans: dict | None = None):
+        if t.ndim != 1 or t.numel() < 2:
+            raise ValueError(f"t must be a 1-D tensor of S + 1 >= 2 times, got shape {tuple(t.shape)}")
+        if t_prime is not None and t_prime.shape != t.shape:
+            raise ValueError(f"t_prime has shape {tuple(t_prime.shape)}, t has {tuple(t.shape)}")
+        self.schedule, self.batch, self.steps = schedule, x.shape[0], t.numel() - 1
+        self.model_fn, self.cond, self.uc = model_fn, cond, uc
+        self.plans = {} if plans is None else plans
+        if "grid" not in self.plans:
+            tv = t.to(device=x.device, dtype=x.dtype)
+            alpha, sigma = schedule.alpha(tv), schedule.sigma(tv)
+            self.plans["grid"] = (tv, alpha, sigma, schedule.lambda_(tv), sigma / alpha)
+        # Whole-grid vectors, for solvers that compute the coefficients of every step at once
+        # (a few vector ops instead of dozens of scalar ops per step, forward and backward).
+        self.t_v, self.alpha_v, self.sigma_v, self.lam_v, self.s_v = self.plans["grid"]
+        if self.t_v.dtype != x.dtype or self.t_v.device != x.device or self.t_v.numel() != t.numel():
+            raise ValueError("plans were computed for other times, dtype or device")
+        self._t_prime = t_prime
+
+    # Per-point scalars as tuples (one unbind each, when first used): indexing a tuple costs no
+    # autograd node, where indexing a tensor adds a select (and a zeros + copy in backward) at every use.
+    @cached_property
+    def t(self) -> tuple[Tensor, ...]:
+        return self.t_v.unbind()
+
+    @cached_property
+    def tp(self) -> tuple[Tensor, ...]:
+        if self._t_prime is None:
+            return self.t
+        return self._t_prime.to(device=self.t_v.device, dtype=self.t_v.dtype).unbind()
+
+    @cached_property
+    def alpha(self) -> tuple[Tensor, ...]:
+        return self.alpha_v.unbind()
+
+    @cached_property
+    def sigma(self) -> tuple[Tensor, ...]:
+        return self.sigma_v.unbind()
+
+    @cached_property
+    def lam(self) -> tuple[Tensor, ...]:
+        return self.lam_v.unbind()
+
+    @cached_property
+    def s(self) -> tuple[Tensor, ...]:
+        """EDM noise level sigma / alpha."""
+        return self.s_v.unbind()
+
+    def eps(self, x: Tensor, i: int) -> Tensor:
+        """Noise prediction at (x, t'_i)."""
+        return self.model_fn(x, self.tp[i].expand(self.batch), self.cond, self.uc)
+
+    def x0(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
+        """Data prediction (x - sigma_i eps) / alpha_i, with t_i's coefficients."""
+        if "x0" not in self.plans:
+            self.plans["x0"] = torch.stack([1.0 / self.alpha_v, -self.s_v], 1).unsqueeze(1).unbind()
+        return combine(self.plans["x0"][i], [x, eps])
+
+    def drift(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
+        """Probability-flow ODE: dx/dt = f(t) x + g(t) eps."""
+        f, g = self.schedule.ode_coefficients(self.t[i])
+        return f * x + g * eps
+
+
+def step_orders(steps: int, order: int, lower_order_final: bool = True) -> list[int]:
+    """Order used at each of the S steps of a multistep method.
+
+    Warm-up: step i (0-based) has only i + 1 outputs available, so order min(order, i + 1).
+    ``lower_order_final``: the last steps use min(order, S - i) (as DPM-Solver / UniPC codes).
+    """
+    orders = []
+    for i in range(steps):
+        k = min(order, i + 1)
+        if lower_order_final:
+            k = min(k, steps - i)
+        orders.append(k)
+    return orders
+
+
+# --------------------------------------------------------------------------- euler / heun
+def euler(model_fn, schedule, x, t, t_prime=None, *, order=1, cond=None, uc=None, plans=None, **_):
+    """Euler on the probability-flow ODE in the schedule's time.
+
+    x_{i+1} = x_i + (t_{i+1} - t_i) [f(t_i) x_i + g(t_i) eps(x_i, t'_i)],
+    f = d log alpha / dt, g = d sigma / dt - sigma f   (for VE: dx/dsigma = eps).
+    NFE = S.
+    """
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    for i in range(g_.steps):
+        x = x + (g_.t[i + 1] - g_.t[i]) * g_.drift(x, g_.eps(x, i), i)
+    return x
+
+
+def heun_step(g: Grid, x: Tensor, i: int, final: bool = False) -> Tensor:
+    """One Heun step from x_i at t_i to t_{i+1} (plain Euler when ``final``); 2 network calls, 1 if final.
+
+    In Karras et al.'s variables y = x / alpha, s = sigma / alpha (EDM noise level), dy/ds = eps:
+      y~ = y_i + (s_{i+1} - s_i) eps(x_i, t'_i)
+      y_{i+1} = y_i + (s_{i+1} - s_i) (eps(x_i, t'_i) + eps(alpha_{i+1} y~, t'_{i+1})) / 2.
+    """
+    a = g.alpha
+    ds = g.sigma[i + 1] / a[i + 1] - g.sigma[i] / a[i]
+    y = x / a[i]
+    d = g.eps(x, i)
+    y_euler = y + ds * d
+    if final:
+        return a[i + 1] * y_euler
+    d2 = g.eps(a[i + 1] * y_euler, i + 1)
+    return a[i + 1] * (y + ds * 0.5 * (d + d2))
+
+
+def heun(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None, plans=None, **_):
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step is plain Euler.
+
+    Integrates dy/ds = eps(alpha y, t) in y = x / alpha and the EDM noise level s = sigma / alpha
+    (for VE: y = x, s = t = sigma, exactly Karras et al.'s sampler):
+      d_i = eps(x_i, t'_i); y~ = y_i + (s_{i+1} - s_i) d_i;
+      y_{i+1} = y_i + (s_{i+1} - s_i) (d_i + eps(alpha_{i+1} y~, t'_{i+1})) / 2.
+    Not in the schedule's time t: for ``vp_discrete`` (piecewise-linear log alpha in t) the ODE in t
+    has kinks at every training step and Heun in t is not second order there. NFE = 2S - 1.
+    """
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    for i in range(g_.steps):
+        x = heun_step(g_, x, i, final=i == g_.steps - 1)
+    return x
+
+
+# --------------------------------------------------------------------------- DPM-Solver++ (multistep)
+def dpm_solver_pp_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int) -> Tensor:
+    """One DPM-Solver++ update of order k from x_i at t_i to t_{i+1}.
+
+    ``ms`` ends with the data predictions ..., m_{i-1}, m_i (at least k of them). No network call.
+    """
+    lam = g.lam
+    h = lam[i + 1] - lam[i]
+    phi_1 = torch.expm1(-h)
+    x_new = (g.sigma[i + 1] / g.sigma[i]) * x - g.alpha[i + 1] * phi_1 * ms[-1]
+    if k == 2:
+        r0 = (lam[i] - lam[i - 1]) / h
+        d1 = (ms[-1] - ms[-2]) / r0
+        x_new = x_new - 0.5 * g.alpha[i + 1] * phi_1 * d1
+    elif k == 3:
+        r0 = (lam[i] - lam[i - 1]) / h
+        r1 = (lam[i - 1] - lam[i - 2]) / h
+        d1_0 = (ms[-1] - ms[-2]) / r0
+        d1_1 = (ms[-2] - ms[-3]) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 m''; the reference code lacks the 2 (see docstring)
+        phi_2 = phi_1 / h + 1.0
+        phi_3 = phi_2 / h - 0.5
+        x_new = x_new + g.alpha[i + 1] * phi_2 * d1 - g.alpha[i + 1] * phi_3 * d2
+    return x_new
+
+
+def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None,
+                  lower_order_final=True, **_):
+    """DPM-Solver++ multistep (1M/2M/3M), data prediction, exponential integrator.
+
+    With m_j = x0_j, h = lambda_{i+1} - lambda_i, phi_1 = e^{-h} - 1:
+      order 1: x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} phi_1 m_i
+      order 2: ... - 0.5 alpha_{i+1} phi_1 D1,  D1 = (m_i - m_{i-1}) / r0,  r0 = h_{i-1} / h
+      order 3: x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} phi_1 m_i + alpha_{i+1} phi_2 D1
+               - alpha_{i+1} phi_3 D2, phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2,
+               D1_0 = (m_i - m_{i-1})/r0, D1_1 = (m_{i-1} - m_{i-2})/r1,
+               D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) ~ h m',  D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 m''.
+    (The term alpha phi_3 D2 integrates m'' tau^2 / 2 and needs D2 ~ h^2 m''. DPM-Solver's reference
+    code (and code copied from it) uses D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 m'' / 2, which leaves a
+    local error -h^3 m'' / 12: its 3M step is only locally third order, globally second. With the
+    factor 2 the step is the exponential integrator of the quadratic through m_{i-2}, m_{i-1}, m_i,
+    locally O(h^4) (tests/test_solvers.py::test_local_order).)
+    NFE = S.
+    """
+    if not 1 <= order <= 3:
+        raise ValueError(f"dpm_solver++ supports orders 1-3, got {order}")
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    ms: list[Tensor] = []
+    for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
+        ms.append(g_.x0(x, g_.eps(x, i), i))
+        ms = ms[-3:]
+        x = dpm_solver_pp_step(g_, x, ms, i, k)
+    return x
+
+
+# --------------------------------------------------------------------------- UniPC
+def _unipc_table(g: Grid, variant: str, kmax: int) -> list[tuple[tuple[Tensor, Tensor], ...]]:
+    """Coefficients of the UniPC updates of orders 1..kmax at every step of the grid, computed at once.
+
+    UniPC (Zhao et al. 2023, data prediction, hh = -h, B(h) = hh (bh1) or e^{hh} - 1 (bh2)) solves
+    sum_j rho_j x_j^p = b_{p+1} (p = 0..k-1) on the nodes x = (r_1, ..., r_{k-1}, 1), with
+    b_p = phi_{p+1}(hh) p! / B(h), phi_{k+1} = phi_k / hh - 1/k!. The systems are at most 3 x 3
+    Vandermonde systems, solved in closed form (Lagrange): with two nodes, rho_1 = (b_2 - x_2 b_1) /
+    (x_1 - x_2); with three, rho_j = (b_3 - s_j b_2 + p_j b_1) / d_j (s_j, p_j: sum and product of
+    the other nodes, d_j = prod_{m != j} (x_j - x_m)). rho^p = 1/2 when k = 2, rho^c = 1/2 when k = 1.
+
+    The update as linear combinations, ``table[k - 1][i] = (pred, corr)``:
+      x~  = a x_i + b m_i                 (a = sigma_{i+1}/sigma_i, b = -alpha_{i+1} phi_1)
+      x_p = pred . (x_i, m_i, m_{i-1}, ..., m_{i-k+1})            = x~ + sum_j p_j m_{i-j}
+      x_c = corr . (x_i, m_i, m_{i+1}, m_{i-1}, ..., m_{i-k+1})   = x~ + sum_j c_j m_{i-j} + c_n m_{i+1}
+    Vector ops over all steps, a few dozen whatever S. Rows of steps without enough history
+    (i < k - 1) are computed from placeholder points and never used.
+    """
+    for k in range(kmax, 4):  # a table with more orders serves too
+        if ("uni_pc", variant, k) in g.plans:
+            return g.plans[("uni_pc", variant, k)]
+    lam = g.lam_v
+    h = lam[1:] - lam[:-1]
+    hh = -h
+    phi = torch.expm1(hh)  # h phi_1
+    b_h = hh if variant == "bh1" else phi
+    alpha_next = g.alpha_v[1:]
+    a = g.sigma_v[1:] / g.sigma_v[:-1]
+    b = -alpha_next * phi
+    nc = -alpha_next * b_h  # x~ - alpha_{i+1} B(h) (...)
+    half = 0.5 * nc
+    tables = [(torch.stack([a, b], 1), torch.stack([a, b - half, half], 1))]  # k = 1: rho^c = 1/2
+    if kmax >= 2:
+        bs = []
+        fact = 1
+        for p in range(1, kmax + 1):
+            phi = phi / hh - 1.0 / fact  # h phi_{p+1}
+            bs.append(phi / b_h if fact == 1 else phi * (fact / b_h))
+            fact *= p + 1
+        # r_1 = (lambda_{i-1} - lambda_i) / h_i = -h_{i-1} / h_i, r_2 = r_1 - h_{i-2} / h_i; before the
+        # start h_{-1} = h_{-2} = h_0 stand in (rows never used, but finite, with r_1 != r_2 != 1)
+        h1 = torch.cat([h[:1], h[:-1]])
+        r1 = -h1 / h
+        p1 = half / r1  # rho^p = 1/2
+        rho1 = (bs[1] - bs[0]) / (r1 - 1.0)  # nodes (r1, 1)
+        q1, qn = nc * rho1 / r1, nc * (bs[0] - rho1)
+        tables.append((torch.stack([a, b - p1, p1], 1), torch.stack([a, b - q1 - qn, qn, q1], 1)))
+    if kmax >= 3:
+        r2 = r1 - torch.cat([h[:1], h1[:-1]]) / h
+        rho1 = (bs[1] - r2 * bs[0]) / (r1 - r2)  # predictor, nodes (r1, r2)
+        p1, p2 = nc * rho1 / r1, nc * (bs[0] - rho1) / r2
+        d12, d1, d2 = r1 - r2, r1 - 1.0, r2 - 1.0  # corrector, nodes (r1, r2, 1)
+        c1 = (bs[2] - (r2 + 1.0) * bs[1] + r2 * bs[0]) / (d12 * d1)
+        c2 = (bs[2] - (r1 + 1.0) * bs[1] + r1 * bs[0]) / (-d12 * d2)
+        cn = (bs[2] - (r1 + r2) * bs[1] + r1 * r2 * bs[0]) / (d1 * d2)
+        q1, q2, qn = nc * c1 / r1, nc * c2 / r2, nc * cn
+        tables.append((torch.stack([a, b - p1 - p2, p1, p2], 1),
+                       torch.stack([a, b - q1 - q2 - qn, qn, q1, q2], 1)))
+    out = [tuple(zip(pred.unsqueeze(1).unbind(), corr.unsqueeze(1).unbind())) for pred, corr in tables]
+    g.plans[("uni_pc", variant, kmax)] = out
+    return out
+
+
+def uni_pc_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int, variant: str = "bh2",
+                corrector: bool = True) -> tuple[Tensor, Tensor | None]:
+    """One UniPC update of order k from x_i at t_i to t_{i+1}; ``ms`` ends with ..., m_{i-1}, m_i.
+
+    With ``corrector``: one network call at the predicted x_{i+1}; returns the corrected x_{i+1}
+    and m_{i+1} = x0(x_pred, t'_{i+1}) (the next step's history). Without: (x_pred, None), no call.
+    Coefficients: ``_unipc_table``.
+    """
+    if not (0 <= k - 1 <= i < g.steps and 1 <= k <= 3):
+        raise ValueError(f"UniPC order {k} (1-3) at step {i} needs {k} past outputs; it has {i + 1}")
+    pred, corr = _unipc_table(g, variant, k)[k - 1][i]
+    hist = ms[::-1][:k]  # m_i, m_{i-1}, ...
+    x_pred = combine(pred, [x, *hist])
+    if not corrector:
+        return x_pred, None
+    m_next = g.x0(x_pred, g.eps(x_pred, i + 1), i + 1)
+    return combine(corr, [x, hist[0], m_next, *hist[1:]]), m_next
+
+
+def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None, variant="bh2",
+           lower_order_final=True, **_):
+    """UniPC multistep predictor-corrector (UniP-k + UniC), data prediction.
+
+    Step i of order k, h = lambda_{i+1} - lambda_i, r_j = (lambda_{i-j} - lambda_i) / h,
+    D_j = (m_{i-j} - m_i) / r_j (j = 1..k-1), phi_1 = e^{-h} - 1:
+      x~ = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} phi_1 m_i
+      predictor: x_{i+1} = x~ - alpha_{i+1} B(h) sum_j rho^p_j D_j  (rho^p from R[:-1,:-1] rho = b[:-1];
+                 rho^p = 1/2 when k = 2)
+      corrector (uses m_{i+1} = x0(x_{i+1}, t'_{i+1}), which the next step reuses):
+                 x^c_{i+1} = x~ - alpha_{i+1} B(h) (sum_j rho^c_j D_j + rho^c_k (m_{i+1} - m_i))
+                 (rho^c from R rho = b; rho^c = 1/2 when k = 1).
+    No corrector after the last step. NFE = S. Variants: B(h) = -h (bh1), e^{-h} - 1 (bh2).
+    """
+    if not 1 <= order <= 3:
+        raise ValueError(f"uni_pc supports orders 1-3, got {order}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unknown UniPC variant {variant!r}; choose bh1 or bh2")
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    orders = step_orders(g_.steps, order, lower_order_final)
+    _unipc_table(g_, variant, max(orders))
+    ms = [g_.x0(x, g_.eps(x, 0), 0)]
+    for i, k in enumerate(orders):
+        last = i == g_.steps - 1
+        x, m_next = uni_pc_step(g_, x, ms, i, k, variant, corrector=not last)
+        if not last:
+            ms = (ms + [m_next])[-3:]
+    return x
+
+
+# --------------------------------------------------------------------------- iPNDM
+IPNDM_WEIGHTS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def ipndm_step(g: Grid, y: Tensor, eps_hist: list[Tensor], i: int, k: int) -> Tensor:
+    """One AB-k step in y = x / alpha, s = sigma / alpha from s_i to s_{i+1}; ``eps_hist`` newest first.
+
+    y_{i+1} = y_i + (s_{i+1} - s_i) sum_j w^k_j eps_{i-j}. No network call.
+    """
+    w = IPNDM_WEIGHTS[k]
+    d = eps_hist[0] * w[0] if k > 1 else eps_hist[0]
+    for wj, e in zip(w[1:], eps_hist[1:]):
+        d = torch.add(d, e, alpha=wj)  # one op per term: the weights are plain numbers
+    return torch.addcmul(y, g.s[i + 1] - g.s[i], d)
+
+
+def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None, plans=None, lower_order_final=False, **_):
+    """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on the noise prediction.
+
+    In y = x / alpha and s = sigma / alpha (EDM noise level) the ODE is dy/ds = eps, and
+    y_{i+1} = y_i + (s_{i+1} - s_i) sum_j w^k_j eps_{i-j}, with the fixed AB-k weights
+    w^1 = 1, w^2 = (3, -1)/2, w^3 = (23, -16, 5)/12, w^4 = (55, -59, 37, -9)/24. NFE = S.
+    """
+    if not 1 <= order <= 4:
+        raise ValueError(f"ipndm supports orders 1-4, got {order}")
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    eps_hist: list[Tensor] = []
+    y = x / g_.alpha[0]
+    for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
+        x_i = x if i == 0 else g_.alpha[i] * y
+        eps_hist = ([g_.eps(x_i, i)] + eps_hist)[:4]
+        y = ipndm_step(g_, y, eps_hist, i, k)
+    return g_.alpha[-1] * y
+
+
+# --------------------------------------------------------------------------- DPM-Solver (singlestep)
+def singlestep_orders(nfe: int, order: int) -> list[int]:
+    """DPM-Solver's 'fast' split of an NFE budget into singlestep orders (they sum to NFE)."""
+    if order == 3:
+        k = nfe // 3 + 1
+        if nfe % 3 == 0:
+            return [3] * (k - 2) + [2, 1]
+        if nfe % 3 == 1:
+            return [3] * (k - 1) + [1]
+        return [3] * (k - 1) + [2]
+    if order == 2:
+        return [2] * (nfe // 2) if nfe % 2 == 0 else [2] * (nfe // 2) + [1]
+    return [1] * nfe
+
+
+def dpm_solver_step(g: Grid, x: Tensor, p: int, k: int) -> Tensor:
+    """One singlestep DPM-Solver step of order k from x at t_p to t_{p+k} (formulas in ``dpm_solver``).
+
+    k network calls, at t'_p ... t'_{p+k-1}; the intermediate points are the grid's t_{p+1}, t_{p+2}.
+    """
+    a, sg, lam = g.alpha, g.sigma, g.lam
+    q = p + k
+    h = lam[q] - lam[p]
+    phi_1 = torch.expm1(h)
+    eps_s = g.eps(x, p)
+    base = (a[q] / a[p]) * x - sg[q] * phi_1 * eps_s
+    if k == 1:
+        return base
+    r1 = (lam[p + 1] - lam[p]) / h
+    if k == 2:
+        u = (a[p + 1] / a[p]) * x - sg[p + 1] * torch.expm1(r1 * h) * eps_s
+        return base - sg[q] * phi_1 * (g.eps(u, p + 1) - eps_s) / (2.0 * r1)
+    r2 = (lam[p + 2] - lam[p]) / h
+    u1 = (a[p + 1] / a[p]) * x - sg[p + 1] * torch.expm1(r1 * h) * eps_s
+    d_1 = (g.eps(u1, p + 1) - eps_s) / r1
+    phi_12 = torch.expm1(r2 * h)
+    u2 = (a[p + 2] / a[p]) * x - sg[p + 2] * phi_12 * eps_s \
+        - sg[p + 2] * r2 * (phi_12 / (r2 * h) - 1.0) * d_1
+    d_2 = (g.eps(u2, p + 2) - eps_s) / r2
+    d1 = (r2 * d_1 - r1 * d_2) / (r2 - r1)
+    d2 = 2.0 * (d_2 - d_1) / (r2 - r1)
+    phi_2 = phi_1 / h - 1.0
+    phi_3 = phi_2 / h - 0.5
+    return base - sg[q] * phi_2 * d1 - sg[q] * phi_3 * d2
+
+
+def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None, **_):
+    """Singlestep DPM-Solver (Lu et al. 2022), noise prediction.
+
+    The S = NFE intervals of ``t`` are grouped into steps of orders ``singlestep_orders(S, order)``;
+    a step of order k from s = t_p to t = t_{p+k} evaluates the network at t_p ... t_{p+k-1}
+    (r_j = (lambda_{p+j} - lambda_s) / h). With phi_1(h) = e^h - 1:
+      order 1: x_t = (alpha_t/alpha_s) x_s - sigma_t phi_1(h) eps_s
+      order 2: u = (alpha_1/alpha_s) x_s - sigma_1 phi_1(r1 h) eps_s;
+               x_t = (alpha_t/alpha_s) x_s - sigma_t phi_1(h) eps_s - sigma_t phi_1(h) (eps_1 - eps_s) / (2 r1)
+      order 3: u1 as u; u2 = (alpha_2/alpha_s) x_s - sigma_2 phi_1(r2 h) eps_s
+                   - sigma_2 (r2/r1) (phi_1(r2 h)/(r2 h) - 1) (eps_1 - eps_s);
+               x_t = (alpha_t/alpha_s) x_s - sigma_t phi_1 eps_s - sigma_t phi_2 D1 - sigma_t phi_3 D2,
+               phi_2 = phi_1/h - 1, phi_3 = phi_2/h - 1/2, Dj = (eps_j - eps_s)/r_j,
+               D1 = (r2 Dj1 - r1 Dj2)/(r2 - r1), D2 = 2 (Dj2 - Dj1)/(r2 - r1)
+    The order-3 step is third order (local error O(h^4)) only when r2 = 2/3, whatever r1: eps(u1),
+    u1 being a first-order state (error O(h^2)), enters x_t with the weight
+    sigma_t (r2 phi_2 - 2 phi_3) / (r2 - r1), which is O(h^2) only then; otherwise the step is
+    locally O(h^3). With r1 = 1/3, r2 = 2/3 (the logSNR grid) it is DPM-Solver-3. The intermediate
+    points are the grid's own points, so a learned or non-logSNR grid gets the lower local order.
+    NFE = S.
+    """
+    if not 1 <= order <= 3:
+        raise ValueError(f"dpm_solver supports orders 1-3, got {order}")
+    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    p = 0
+    for k in singlestep_orders(g_.steps, order):
+        x = dpm_solver_step(g_, x, p, k)
+        p += k
+    return x
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class SolverInfo:
+    name: str
+    fn: Callable
+    min_order: int
+    max_order: int
+    default_order: int
+    steps_for_nfe: Callable[[int], int]
+    nfe_for_steps: Callable[[int], int]
+
+
+SOLVERS: dict[str, SolverInfo] = {
+    "euler": SolverInfo("euler", euler, 1, 1, 1, lambda n: n, lambda s: s),
+    "heun": SolverInfo("heun", heun, 2, 2, 2, lambda n: (n + 1) // 2, lambda s: 2 * s - 1),
+    "dpm_solver++": SolverInfo("dpm_solver++", dpm_solver_pp, 1, 3, 3, lambda n: n, lambda s: s),
+    "uni_pc": SolverInfo("uni_pc", uni_pc, 1, 3, 3, lambda n: n, lambda s: s),
+    "ipndm": SolverInfo("ipndm", ipndm, 1, 4, 4, lambda n: n, lambda s: s),
+    "dpm_solver": SolverInfo("dpm_solver", dpm_solver, 1, 3, 3, lambda n: n, lambda s: s),
+}
+
+
+def get_solver(name: str) -> SolverInfo:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver_name {name!r}; choose from {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def steps_for_nfe(name: str, nfe: int) -> int:
+    """Number of intervals S of the discretization for an NFE budget (heun: NFE = 2S - 1 <= budget)."""
+    if nfe < 1:
+        raise ValueError(f"NFE must be >= 1, got {nfe}")
+    return get_solver(name).steps_for_nfe(nfe)
+
+
+@lru_cache(maxsize=None)
+def _options_of(name: str) -> frozenset[str]:
+    """The solver's own keywords (read from its signature once)."""
+    common = {"model_fn", "schedule", "x", "t", "t_prime", "_", "order", "cond", "uc", "plans"}
+    return frozenset(inspect.signature(get_solver(name).fn).parameters) - common
+
+
+def solve(name: str, model_fn, schedule: NoiseSchedule, x: Tensor, t: Tensor, t_prime: Tensor | None = None,
+          *, order: int | None = None, cond: Any = None, uc: Any = None, plans: dict | None = None,
+          **options) -> Tensor:
+    """Run solver ``name`` from x = x_T along ``t`` (network at ``t_prime``).
+
+    ``options`` are the solver's own keywords (``variant`` for uni_pc, ``lower_order_final`` for the
+    multistep solvers); an option the solver does not have is an error, not silently ignored.
+    ``plans``: a dict shared by rollouts on the same ``t`` (see ``Grid``), or None.
+    """
+    info = get_solver(name)
+    order = info.default_order if order is None else int(order)
+    if not info.min_order <= order <= info.max_order:
+        raise ValueError(f"{name} supports orders {info.min_order}-{info.max_order}, got {order}")
+    unknown = sorted(set(options) - _options_of(name))
+    if unknown:
+        own = ", ".join(sorted(_options_of(name))) or "none"
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {own}")
+    return info.fn(model_fn, schedule, x, t, t_prime, order=order, cond=cond, uc=uc, plans=plans, **options)
+
+
+def nfe_of(name: str, steps: int) -> int:
+    return get_solver(name).nfe_for_steps(steps)
+
+
+__all__ = ["solve", "get_solver", "steps_for_nfe", "nfe_of", "SOLVERS", "step_orders", "singlestep_orders",
+           "euler", "heun", "dpm_solver_pp", "uni_pc", "ipndm", "dpm_solver", "Grid",
+           "heun_step", "dpm_solver_pp_step", "uni_pc_step", "ipndm_step", "dpm_solver_step"]
+

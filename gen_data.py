@@ -21,30 +21,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from ld3.config import parse_config, run_cli, save_config, setup_logging  # noqa: E402
 from ld3.io import atomic_write_text, background_executor, remove_stale_temporaries  # noqa: E402
 from ld3.data import noise_for_indices, sample_path, save_pngs, save_sample  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options, data_folder_name,  # noqa: E402
                          check_learned_run, gits_prior, load_times, setup_device_and_model)
+from ld3.identity import check_data_folder, teacher_identity, write_identity  # noqa: E402
+from ld3.sampling import chunked, sample_batches  # noqa: E402
 from ld3.student import Rollout, SolverSpec  # noqa: E402
 
 log = logging.getLogger("ld3")
 
 
-def write_batch(out: Path, idx: list[int], z, img, c, uc, pt: bool, png: bool) -> None:
+def write_batch(out: Path, idx: list[int], z, img, c, uc, pt: bool, png: bool, png_mode: str) -> None:
     """Write one batch of samples (runs in the writer process or thread)."""
     if pt:
         for j, i in enumerate(idx):
             save_sample(out, i, z[j], img[j], None if c is None else c[j], None if uc is None else uc[j])
     if png:
-        save_pngs(out, idx, img)
+        save_pngs(out, idx, img, png_mode)
 
 
 def _warm_writer() -> None:
     """In a writer, before the first batch arrives: load the PNG encoder."""
     from PIL import Image  # noqa: F401
+
+
+def noise_source(cfg: dict, model, device: torch.device):
+    """``draw(indices) -> (z, c, uc)`` of the teacher data.
+
+    ``noise: index`` (ours): each sample's noise from (seed, index) alone, whatever the batch size.
+    ``noise: paper``: the paper's code, ``torch.manual_seed(seed)`` then one ``randn(batch, C, H, W)`` per
+    batch, in order, on the device; call it for every batch, done or not, to stay in step.
+    """
+    seed = int(cfg["seed"])
+    if cfg["noise"] == "paper":
+        torch.manual_seed(seed)
+
+        def draw(idx: list[int]):
+            z = torch.randn((len(idx), *model.latent_shape), device=device).cpu()
+            return (z, *model.conditions(idx, seed, device))
+        return draw
+
+    def draw_index(idx: list[int]):
+        return (noise_for_indices(seed, idx, model.latent_shape), *model.conditions(idx, seed, device))
+    return draw_index
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -73,54 +95,58 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(cfg["data_dir"]) / data_folder_name(cfg, label)
     if not (cfg["save_pt"] or cfg["save_png"]):
         log.warning("neither --save_pt nor --save_png given: samples are computed but not saved")
+    identity = teacher_identity(cfg, model)
+    check_data_folder(out, identity, bool(cfg.get("overwrite")))
     out.mkdir(parents=True, exist_ok=True)
     if remove_stale_temporaries(out):
         log.info("removed temporary files of an interrupted run in %s", out)
     save_config({**cfg, "teacher_steps_S": steps}, out / "gen_config.yml")
+    write_identity(out, identity)
 
-    n, bs, seed = int(cfg["total_samples"]), int(cfg["sampling_batch_size"]), int(cfg["seed"])
+    n, bs = int(cfg["total_samples"]), int(cfg["sampling_batch_size"])
 
-    def done(i: int) -> bool:
-        ok = True
-        if cfg["save_pt"]:
-            ok &= sample_path(out, i).is_file()
-        if cfg["save_png"]:
-            ok &= (out / f"{i:06d}.png").is_file()
-        return ok and bool(cfg["save_pt"] or cfg["save_png"])
+    def done(idx: list[int]) -> bool:
+        ok = bool(cfg["save_pt"] or cfg["save_png"])
+        for i in idx:
+            if cfg["save_pt"]:
+                ok &= sample_path(out, i).is_file()
+            if cfg["save_png"]:
+                ok &= (out / f"{i:06d}.png").is_file()
+        return ok
 
-    todo = [i for i in range(n) if not done(i)]
-    if len(todo) < n:
-        log.info("%d of %d samples already in %s; generating the other %d", n - len(todo), n, out, len(todo))
-    rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=False)
+    # every sample is computed in the batch an uninterrupted run computes it in: a resumed run writes
+    # the same bytes
+    chunks = chunked(range(n), bs)
+    todo = sum(len(c) for c in chunks if not done(c))
+    if todo < n:
+        log.info("%d of %d samples already in %s; generating the other %d", n - todo, n, out, todo)
+    rollout = Rollout(model, SolverSpec.from_cfg(cfg), timed=True)
+    grid = rollout.grid(t, tp, device=device)  # the solver's coefficients: the same times for every batch
+    png_mode = "paper" if cfg["arithmetic"] == "paper" else "round"
     t_start = time.perf_counter()
     # Files are written by a background writer while the next batch is computed (at most two
     # batches wait), so the time a user waits is the network's. (Two writers, each taking half a
     # batch, were measured slower: on 2 cores they slow the network down more than they save.)
     pending: list[Future] = []
-    plans: dict = {}  # the solver's coefficients: the same times for every batch
-    t_dev, tp_dev = t.to(device), None if tp is None else tp.to(device)
-    with torch.no_grad(), tqdm(total=len(todo), desc="teacher", unit="img", disable=None) as bar, \
-            background_executor(device, _warm_writer) as writer:
-        for b in range(0, len(todo), bs):
-            idx = todo[b:b + bs]
-            z = noise_for_indices(seed, idx, model.latent_shape).to(device)
-            c, uc = model.conditions(idx, seed, device)
-            img = rollout(z, t_dev, tp_dev, c, uc, plans=plans).clamp(-1, 1)
-            z, img, c, uc = (v.detach().cpu() if isinstance(v, torch.Tensor) else v for v in (z, img, c, uc))
-            pending.append(writer.submit(write_batch, out, idx, z, img, c, uc, bool(cfg["save_pt"]),
-                                         bool(cfg["save_png"])))
+    with background_executor(device, _warm_writer) as writer:
+        for b in sample_batches(rollout, grid, chunks, noise_source(cfg, model, device), device, skip=done,
+                                desc="teacher"):
+            z, img, c, uc = (v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                             for v in (b.z, b.images, b.c, b.uc))
+            pending.append(writer.submit(write_batch, out, b.indices, z, img, c, uc, bool(cfg["save_pt"]),
+                                         bool(cfg["save_png"]), png_mode))
             while len(pending) > 2 or (pending and pending[0].done()):
                 pending.pop(0).result()
-            bar.update(len(idx))
         for f in pending:
             f.result()
     wall = time.perf_counter() - t_start
     net_s = rollout.fn.clock.forward_s
-    stats = {"images": len(todo), "wall_s": wall, "network_s": net_s,
-             "images_per_s": len(todo) / wall if wall > 0 else None,
-             "network_bound_images_per_s": len(todo) / net_s if net_s > 0 else None,
+    n_batches = sum(1 for c in chunks if not done(c)) or 1
+    stats = {"images": todo, "wall_s": wall, "network_s": net_s,
+             "images_per_s": todo / wall if wall > 0 else None,
+             "network_bound_images_per_s": todo / net_s if net_s > 0 else None,
              "share_of_bound": net_s / wall if wall > 0 else None,
-             "network_calls_per_sample": rollout.fn.calls / max(1, -(-len(todo) // bs))}
+             "network_calls_per_sample": rollout.fn.calls / n_batches if todo else 0}
     atomic_write_text(out / "gen_stats.json", json.dumps(stats, indent=1))
     log.info("%d samples in %s: %.1f images/s (%.0f%% of the network-only bound), %d network calls per sample",
              n, out, stats["images_per_s"] or 0, 100 * (stats["share_of_bound"] or 0),

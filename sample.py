@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from ld3.config import (Opt, UserError, _none_or, parse_config, run_cli, save_config,  # noqa: E402
                         setup_logging, str2bool)
@@ -157,10 +156,28 @@ def _distances(cfg: dict, device: torch.device) -> dict:
     return out
 
 
+def _teacher_files(cfg: dict, model, n: int):
+    """(z, c, uc, images) of the first ``n`` files of the teacher folder ``--data_dir``, or None if it holds none."""
+    from ld3.data import list_sample_files, load_samples
+
+    folder = Path(cfg["data_dir"])
+    try:
+        count = len(list_sample_files(folder))
+    except UserError:
+        return None
+    if count < n:
+        log.warning("%s holds %d teacher samples: measuring on %d, not %d", folder, count, count, n)
+        n = count
+    img_shape = tuple(model.info.get("img_shape", model.latent_shape))
+    data = load_samples(folder, n, model.latent_shape, img_shape)
+    return data.latent, data.c, data.uc, data.img
+
+
 def run_sample(cfg: dict, argv: list[str] | None) -> Path:
     from ld3.data import save_pngs, to_uint8
     from ld3.evaluate import (fresh_noise, sampling_seed, save_grid_png, save_npz, teacher_config,
                               teacher_times)
+    from ld3.sampling import chunked, sample_batches
 
     check_positive(cfg, "num_samples", "sampling_batch_size")
     steps = check_solver_options(cfg)
@@ -187,8 +204,16 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
     nfe = nfe_of(solver, steps)
     seed = sampling_seed(cfg)
     n, bs = int(cfg["num_samples"]), int(cfg["sampling_batch_size"])
-    out_dir = Path(cfg["out_dir"] or Path("samples") / _stem(cfg) / f"{label}_{solver}_NFE{nfe}_seed{seed}")
     wanted = _metric_set(cfg, model)
+
+    # the noise: a teacher folder's latents (then its images are the teacher's), or fresh noise
+    files = _teacher_files(cfg, model, n) if cfg.get("data_dir") and "teacher" in wanted else None
+    if files is not None:
+        n = files[0].shape[0]
+        noise_label = f"{Path(cfg['data_dir']).name}"
+    else:
+        noise_label = f"seed{seed}"
+    out_dir = Path(cfg["out_dir"] or Path("samples") / _stem(cfg) / f"{label}_{solver}_NFE{nfe}_{noise_label}")
 
     # load what the metrics need before sampling, so that a missing file stops at once
     fid = judge = None
@@ -202,29 +227,40 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
 
         judge = DigitsJudge(seed=seed)
     k_teacher = 0
+    teacher_roll = tgrid = None
     if "teacher" in wanted:
         dists = _distances(cfg, device)
         k_teacher = n if cfg.get("teacher_samples") is None else max(0, min(n, int(cfg["teacher_samples"])))
-        tspec, t_teacher = teacher_times(cfg, model)
-        teacher_roll = Rollout(model, tspec)
+        if files is None:
+            tspec, t_teacher = teacher_times(cfg, model)
+            teacher_roll = Rollout(model, tspec)
+            tgrid = teacher_roll.grid(t_teacher.to(device), device=device)
+
+    def draw(idx: list[int]):
+        if files is None:
+            z, c, uc = fresh_noise(cfg, model, len(idx), device, idx[0])
+            return z, c, uc
+        sl = slice(idx[0], idx[-1] + 1)
+        return files[0][sl], None if files[1] is None else files[1][sl], None if files[2] is None else files[2][sl]
 
     roll = Rollout(model, SolverSpec.from_cfg(cfg))
+    grid = roll.grid(t.to(device), None if tp is None else tp.to(device), device=device)
     chunks, sums = [], {k: 0.0 for k in dists}
-    with torch.no_grad(), tqdm(total=n, desc=f"{label} NFE {nfe}", unit="img", disable=None) as bar:
-        for start in range(0, n, bs):
-            m = min(bs, n - start)
-            z, c, uc = fresh_noise(cfg, model, m, device, start)
-            img = roll(z.to(device), t.to(device), None if tp is None else tp.to(device), c, uc).clamp(-1, 1)
-            chunks.append(to_uint8(img))
-            if cfg.get("save_png"):
-                save_pngs(out_dir / "images", range(start, start + m), img)
-            kt = min(m, k_teacher - start)
-            if dists and kt > 0:
-                ti = teacher_roll(z[:kt].to(device), t_teacher.to(device), None,
-                                  None if c is None else c[:kt], None if uc is None else uc[:kt]).clamp(-1, 1)
-                for name, d in dists.items():
-                    sums[name] += float(d(img[:kt], ti).sum())
-            bar.update(m)
+    for b in sample_batches(roll, grid, chunked(range(n), bs), draw, device, desc=f"{label} NFE {nfe}"):
+        start, m, img = b.indices[0], len(b.indices), b.images
+        chunks.append(to_uint8(img))
+        if cfg.get("save_png"):
+            save_pngs(out_dir / "images", b.indices, img)
+        kt = min(m, k_teacher - start)
+        if dists and kt > 0:
+            if files is not None:
+                ti = files[3][start:start + kt].to(device)
+            else:
+                with torch.no_grad():
+                    ti = teacher_roll(b.z[:kt].to(device), tgrid, None if b.c is None else b.c[:kt],
+                                      None if b.uc is None else b.uc[:kt])
+            for name, d in dists.items():
+                sums[name] += float(d(img[:kt].float(), ti.float()).sum())
     import numpy as np
 
     arr = np.concatenate(chunks)
@@ -232,15 +268,19 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
     as_float = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid_png(out_dir / "grid.png", as_float[:max(1, int(cfg["grid_size"]))])
 
-    report: dict = {"num_samples": n, "sampling_seed": seed, "solver": solver, "order": cfg.get("order"),
-                    "nfe": nfe, "steps": steps, "discretization": label,
+    report: dict = {"num_samples": n, "noise": "teacher files" if files is not None else "fresh",
+                    "sampling_seed": None if files is not None else seed, "solver": solver,
+                    "order": cfg.get("order"), "nfe": nfe, "steps": steps, "discretization": label,
                     "load_from": cfg.get("load_from"), "t": t.tolist(),
                     "t_prime": (tp if tp is not None else t).tolist()}
     if dists and k_teacher > 0:
-        tcfg = teacher_config(cfg.get("data_dir"))
-        report["teacher"] = {"solver": tcfg["solver_name"], "nfe": int(tcfg["steps"]),
-                             "skip_type": tcfg["skip_type"], "samples": k_teacher,
-                             **{k: v / k_teacher for k, v in sums.items()}}
+        if files is not None:
+            report["teacher"] = {"files": str(cfg["data_dir"]), "samples": k_teacher}
+        else:
+            tcfg = teacher_config(cfg)
+            report["teacher"] = {"solver": tcfg["solver_name"], "nfe": int(tcfg["steps"]),
+                                 "skip_type": tcfg["skip_type"], "samples": k_teacher}
+        report["teacher"].update({k: v / k_teacher for k, v in sums.items()})
     if fid is not None:
         report["fid"] = fid(arr)
         report["fid_ref"] = str(cfg["ref_path"])
@@ -259,7 +299,8 @@ def _print_report(r: dict, out_dir: Path) -> None:
     if "teacher" in r:
         te = r["teacher"]
         ds = ", ".join(f"{k} {te[k]:.5g}" for k in ("L2", "L1", "LPIPS") if k in te)
-        lines.append(f"  distance to teacher ({te['solver']} {te['nfe']} NFE, {te['samples']} samples): {ds}")
+        which = f"the files of {te['files']}" if "files" in te else f"{te['solver']} {te['nfe']} NFE"
+        lines.append(f"  distance to the teacher ({which}, {te['samples']} samples): {ds}")
     if "fid" in r:
         lines.append(f"  FID {r['fid']:.4g} (against {r['fid_ref']})")
     if "digits" in r:

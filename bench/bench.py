@@ -71,7 +71,7 @@ def memprobe(config: str, solver: str, nfe: int, low_gpu: bool, batch: int) -> d
 
     def step():
         t, tp = disc()
-        loss = (roll(z, t, tp) - target).pow(2).mean()
+        loss = (roll(z, (t, tp)) - target).pow(2).mean()
         loss.backward()
 
     step()  # warm-up: allocator pools, lazy inits

@@ -179,3 +179,64 @@ def digits_gmm_model(schedule: str | NoiseSchedule = "ve", n_components: int = 4
     return Model(name="digits_gmm", noise_fn=net, schedule=sch, latent_shape=(1, 8, 8), net=net,
                  time_mode="lambda" if sch.name == "ve" else "time",
                  info={"n_components": n_components, "seed": seed})
+
+
+class GMMDenoiser(nn.Module):
+    """The exact denoiser D(x, sigma) of a diagonal mixture on the VE (EDM) schedule, called like EDM's
+    ``EDMPrecond``: computed in float64, returned in float32 (``out_dtype``) as a network would.
+
+    D(x, sigma) = sum_k w_k [mu_k + var_k / (var_k + sigma^2) (x - mu_k)],
+    w_k proportional to pi_k N(x; mu_k, diag(var_k + sigma^2)).
+    The operations are those of the reference harness the paper's code was run with
+    (``shared/paper_reference/scripts/gmm_diag.py``), so that rollouts, and their gradients, round alike.
+    """
+
+    def __init__(self, weights: Tensor, means: Tensor, variances: Tensor, shape: tuple[int, ...] = (1, 8, 8),
+                 out_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("log_pi", torch.log(torch.as_tensor(weights, dtype=torch.float64)))
+        self.register_buffer("mu", torch.as_tensor(means, dtype=torch.float64))
+        self.register_buffer("var0", torch.as_tensor(variances, dtype=torch.float64))
+        self.shape, self.out_dtype = tuple(shape), out_dtype
+        self.img_channels, self.img_resolution = shape[0], shape[-1]
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Any = None) -> Tensor:
+        n = x.shape[0]
+        xf = x.reshape(n, -1).to(torch.float64)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(n)
+        var = self.var0[None] + sigma.pow(2)[:, None, None]  # n x K x D
+        diff = xf[:, None, :] - self.mu[None]
+        logp = -0.5 * (diff.pow(2) / var + torch.log(2 * math.pi * var)).sum(-1) + self.log_pi[None]
+        w = torch.softmax(logp, dim=1)
+        d = (w[..., None] * (self.mu[None] + self.var0[None] / var * diff)).sum(1)
+        return d.reshape(x.shape).to(self.out_dtype)
+
+
+def gmm_model_from_file(path: str | Path, schedule: str | NoiseSchedule = "ve") -> Model:
+    """A diagonal Gaussian mixture saved as a dict of tensors ``weights`` [K], ``means`` [K, D],
+    ``variances`` [K, D] (and optionally ``shape``), e.g. ``tests/data/paper_reference/gmm_digits_diag40.pt``,
+    the mixture the paper's code was run on (no scikit-learn fit)."""
+    sch = make_schedule(schedule) if isinstance(schedule, str) else schedule
+    d = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(d, dict) or not all(k in d for k in ("weights", "means", "variances")):
+        raise ValueError(f"{path} is not a mixture file (needs tensors weights, means, variances)")
+    w, m, v = (torch.as_tensor(d[k], dtype=torch.float64) for k in ("weights", "means", "variances"))
+    if m.ndim != 2 or v.shape != m.shape or w.shape != (m.shape[0],):
+        raise ValueError(f"{path}: weights [K], means and variances [K, D] expected, got {tuple(w.shape)}, "
+                         f"{tuple(m.shape)}, {tuple(v.shape)}")
+    shape = tuple(int(x) for x in d.get("shape", (1, 8, 8)))
+    if math.prod(shape) != m.shape[1]:
+        raise ValueError(f"{path}: shape {shape} does not hold {m.shape[1]} dimensions")
+    info = {"n_components": int(w.numel()), "ckp_path": str(path)}
+    if sch.name == "ve":  # as an EDM network: float32 denoiser output, noise prediction by EDM's wrapper
+        from models.base import edm_model
+
+        model = edm_model("digits_gmm", GMMDenoiser(w, m, v, shape), shape, info=info)
+        model.time_mode = "lambda"
+        return model
+    net = GMMNoise(sch, w, m, v, shape)
+    return Model(name="digits_gmm", noise_fn=net, schedule=sch, latent_shape=shape, net=net, time_mode="time",
+                 info=info)
+

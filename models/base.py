@@ -72,7 +72,11 @@ class EDMNoise(nn.Module):
         self.label_dim = label_dim
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
-        sigma = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        """eps = (x - D(x, sigma)) / sigma in x's dtype. A sigma narrower than x (float32 times, float64 states:
+        the paper's arithmetic) is passed on as it is, as the paper's EDM wrapper does."""
+        sigma = torch.as_tensor(t, device=x.device)
+        if not sigma.is_floating_point() or torch.promote_types(sigma.dtype, x.dtype) != x.dtype:
+            sigma = sigma.to(x.dtype)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         sigma = sigma.reshape(-1)

@@ -30,6 +30,16 @@ def _analytic(cfg: dict, device: torch.device) -> Model:
         raise ModelError(f"schedule {cfg.get('schedule')!r} is not available for analytic models; use ve or vp_discrete")
     if cfg["model"] == "gaussian":
         return gaussian_model(cfg["schedule"], seed=0)
+    if cfg.get("ckp_path"):  # a mixture saved to a file (the one the paper's code was run on, for instance)
+        from models.analytic import gmm_model_from_file
+
+        if not Path(cfg["ckp_path"]).is_file():
+            raise ModelError(f"mixture file {cfg['ckp_path']} not found; give a .pt file with weights, means and "
+                             "variances, or no ckp_path to fit the digits mixture")
+        try:
+            return gmm_model_from_file(cfg["ckp_path"], cfg["schedule"])
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ModelError(str(e).splitlines()[0]) from None
     return digits_gmm_model(cfg["schedule"], n_components=int(cfg.get("gmm_components") or 40))
 
 

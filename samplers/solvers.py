@@ -2,16 +2,18 @@
 
 Every solver has the signature
 
-    solver(model_fn, schedule, x, t, t_prime=None, *, order, cond=None, uc=None, plans=None, **options)
+    solver(model_fn, schedule, x, t, t_prime=None, *, order, cond=None, uc=None, **options)
 
 - ``model_fn(x, t, cond, uc)`` returns the noise prediction eps(x, t);
-- ``t``: 1-D tensor of S + 1 strictly decreasing times (T ... t_min), shared by the batch;
+- ``t``: 1-D tensor of S + 1 strictly decreasing times (T ... t_min), shared by the batch, or a
+  ``Grid`` (the times with their coefficient tables, shared by rollouts on the same times);
 - ``t_prime``: the times given to the network (default ``t``); the update coefficients
   (step sizes in lambda, alpha, sigma) always use ``t``;
 - ``x``: x_T, the state at ``t[0]`` (already transformed by ``schedule.prior``).
 
 Notation: alpha_i, sigma_i, lambda_i = log(alpha_i / sigma_i) at t_i, h_i = lambda_{i+1} - lambda_i,
-eps_i the network output at (x_i, t'_i), x0_i = (x_i - sigma_i eps_i) / alpha_i the data prediction.
+eps_i the network output at (x_i, t'_i), x0_i = (x_i - sigma'_i eps_i) / alpha'_i the data prediction,
+where alpha'_i, sigma'_i are taken at t'_i, as in the paper's code (with t' = t: the usual x0).
 
 Each solver calls the network exactly NFE times (table in ``SOLVERS``): multistep solvers
 reuse past outputs, and nothing is evaluated after the last step.
@@ -19,9 +21,8 @@ reuse past outputs, and nothing is evaluated after the last step.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any, Callable
 
 import torch
@@ -50,35 +51,69 @@ def combine(coefs: Tensor, tensors: list[Tensor]) -> Tensor:
 
 
 class Grid:
-    """alpha, sigma, lambda at every t_i, and the network call at t'_i.
+    """The times of one solve, and every coefficient that depends on them only.
 
-    The one-step update functions (``*_step``) take a ``Grid`` so that a test can start a single
-    update from any state and history; the solvers are loops over them.
+    ``Grid(schedule, t, t_prime=None, dtype=..., device=...)``: ``t`` are the S + 1 step times (all
+    update coefficients: alpha, sigma, lambda, step sizes), ``t_prime`` the times given to the
+    network (default ``t``). The data prediction of the network output at (x, t'_i) uses t'_i's
+    alpha and sigma, x0 = (x - sigma(t'_i) eps) / alpha(t'_i), as the paper's code does
+    (``data_prediction_fn(x, t2)``): a learned (t, t') means the same thing in both tools.
 
-    ``plans``: a dict in which the grid keeps what depends on t only (the schedule's values, the
-    solvers' coefficient tables). Rollouts on the same times (a training step's rollout and the
-    check of its latent move) may pass the same dict and compute them once.
+    A grid is immutable: its tables (the schedule's values, each solver's coefficients) are computed
+    once, when first used, and belong to these times alone, so rollouts that share a grid (a training
+    step and the check of its latent move, every batch of gen_data) share them, and no table can be
+    used for other times. The tables keep the autograd graph of the mode they were first built in.
     """
 
-    def __init__(self, model_fn, schedule: NoiseSchedule, x: Tensor, t: Tensor, t_prime: Tensor | None,
-                 cond: Any, uc: Any, plans: dict | None = None):
-        if t.ndim != 1 or t.numel() < 2:
-            raise ValueError(f"t must be a 1-D tensor of S + 1 >= 2 times, got shape {tuple(t.shape)}")
+    def __init__(self, schedule: NoiseSchedule, t: Tensor, t_prime: Tensor | None = None, *,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        if not isinstance(t, Tensor) or t.ndim != 1 or t.numel() < 2:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"t must be a 1-D tensor of S + 1 >= 2 times, got {shape}")
         if t_prime is not None and t_prime.shape != t.shape:
             raise ValueError(f"t_prime has shape {tuple(t_prime.shape)}, t has {tuple(t.shape)}")
-        self.schedule, self.batch, self.steps = schedule, x.shape[0], t.numel() - 1
-        self.model_fn, self.cond, self.uc = model_fn, cond, uc
-        self.plans = {} if plans is None else plans
-        if "grid" not in self.plans:
-            tv = t.to(device=x.device, dtype=x.dtype)
-            alpha, sigma = schedule.alpha(tv), schedule.sigma(tv)
-            self.plans["grid"] = (tv, alpha, sigma, schedule.lambda_(tv), sigma / alpha)
-        # Whole-grid vectors, for solvers that compute the coefficients of every step at once
-        # (a few vector ops instead of dozens of scalar ops per step, forward and backward).
-        self.t_v, self.alpha_v, self.sigma_v, self.lam_v, self.s_v = self.plans["grid"]
-        if self.t_v.dtype != x.dtype or self.t_v.device != x.device or self.t_v.numel() != t.numel():
-            raise ValueError("plans were computed for other times, dtype or device")
-        self._t_prime = t_prime
+        dtype = dtype or (t.dtype if t.is_floating_point() else torch.get_default_dtype())
+        self.schedule, self.steps = schedule, t.numel() - 1
+        self.dtype, self.device = dtype, torch.device(device) if device is not None else t.device
+        self.t_v = t.to(device=self.device, dtype=dtype)
+        self.tp_v = None if t_prime is None else t_prime.to(device=self.device, dtype=dtype)
+        self._tables: dict = {}
+        self._frozen = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"a Grid is immutable: build another for other times (setting {name})")
+        object.__setattr__(self, name, value)
+
+    def table(self, key, build: Callable[["Grid"], Any]) -> Any:
+        """``build(self)``, computed the first time ``key`` is asked for."""
+        if key not in self._tables:
+            self._tables[key] = build(self)
+        return self._tables[key]
+
+    def check(self, schedule: NoiseSchedule, x: Tensor) -> None:
+        if schedule is not self.schedule:
+            raise ValueError("this Grid was built for another noise schedule")
+        if x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"this Grid holds {self.dtype} times on {self.device}; the state is {x.dtype} "
+                             f"on {x.device}")
+
+    @cached_property
+    def alpha_v(self) -> Tensor:
+        return self.schedule.alpha(self.t_v)
+
+    @cached_property
+    def sigma_v(self) -> Tensor:
+        return self.schedule.sigma(self.t_v)
+
+    @cached_property
+    def lam_v(self) -> Tensor:
+        return self.schedule.lambda_(self.t_v)
+
+    @cached_property
+    def s_v(self) -> Tensor:
+        """EDM noise level sigma / alpha."""
+        return self.sigma_v / self.alpha_v
 
     # Per-point scalars as tuples (one unbind each, when first used): indexing a tuple costs no
     # autograd node, where indexing a tensor adds a select (and a zeros + copy in backward) at every use.
@@ -88,9 +123,7 @@ class Grid:
 
     @cached_property
     def tp(self) -> tuple[Tensor, ...]:
-        if self._t_prime is None:
-            return self.t
-        return self._t_prime.to(device=self.t_v.device, dtype=self.t_v.dtype).unbind()
+        return self.t if self.tp_v is None else self.tp_v.unbind()
 
     @cached_property
     def alpha(self) -> tuple[Tensor, ...]:
@@ -106,22 +139,58 @@ class Grid:
 
     @cached_property
     def s(self) -> tuple[Tensor, ...]:
-        """EDM noise level sigma / alpha."""
         return self.s_v.unbind()
+
+    @cached_property
+    def x0_rows(self) -> tuple[Tensor, ...]:
+        """Rows (1 / alpha'_i, -sigma'_i / alpha'_i) of the data prediction, primes: at t'_i."""
+        if self.tp_v is None:
+            a, s = self.alpha_v, self.s_v
+        else:
+            a = self.schedule.alpha(self.tp_v)
+            s = self.schedule.sigma(self.tp_v) / a
+        return torch.stack([1.0 / a, -s], 1).unsqueeze(1).unbind()
+
+
+class Solve:
+    """One solve on a grid: the network call at (x, t'_i) and the conversions that need it.
+
+    The one-step update functions (``*_step``) take a ``Solve`` so that a test can start a single
+    update from any state and history; the solvers are loops over them. Attributes not defined
+    here (``t``, ``alpha``, ``lam``, ``table``, ...) are the grid's.
+    """
+
+    def __init__(self, model_fn, grid: Grid, batch: int, cond: Any = None, uc: Any = None):
+        self.model_fn, self.grid, self.batch, self.cond, self.uc = model_fn, grid, batch, cond, uc
+        self.schedule, self.steps = grid.schedule, grid.steps
+
+    @classmethod
+    def start(cls, model_fn, schedule: NoiseSchedule, x: Tensor, t: "Tensor | Grid", t_prime: Tensor | None = None,
+              cond: Any = None, uc: Any = None) -> "Solve":
+        """From a solver's arguments: ``t`` a tensor of times (with ``t_prime``) or a ``Grid``."""
+        if isinstance(t, Grid):
+            if t_prime is not None:
+                raise ValueError("give t_prime to the Grid, not beside it")
+            t.check(schedule, x)
+            grid = t
+        else:
+            grid = Grid(schedule, t, t_prime, dtype=x.dtype, device=x.device)
+        return cls(model_fn, grid, x.shape[0], cond, uc)
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
 
     def eps(self, x: Tensor, i: int) -> Tensor:
         """Noise prediction at (x, t'_i)."""
-        return self.model_fn(x, self.tp[i].expand(self.batch), self.cond, self.uc)
+        return self.model_fn(x, self.grid.tp[i].expand(self.batch), self.cond, self.uc)
 
     def x0(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
-        """Data prediction (x - sigma_i eps) / alpha_i, with t_i's coefficients."""
-        if "x0" not in self.plans:
-            self.plans["x0"] = torch.stack([1.0 / self.alpha_v, -self.s_v], 1).unsqueeze(1).unbind()
-        return combine(self.plans["x0"][i], [x, eps])
+        """Data prediction (x - sigma'_i eps) / alpha'_i of the network output at (x, t'_i)."""
+        return combine(self.grid.x0_rows[i], [x, eps])
 
     def drift(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
-        """Probability-flow ODE: dx/dt = f(t) x + g(t) eps."""
-        f, g = self.schedule.ode_coefficients(self.t[i])
+        """Probability-flow ODE at t_i: dx/dt = f(t_i) x + g(t_i) eps."""
+        f, g = self.schedule.ode_coefficients(self.grid.t[i])
         return f * x + g * eps
 
 
@@ -141,20 +210,20 @@ def step_orders(steps: int, order: int, lower_order_final: bool = True) -> list[
 
 
 # --------------------------------------------------------------------------- euler / heun
-def euler(model_fn, schedule, x, t, t_prime=None, *, order=1, cond=None, uc=None, plans=None, **_):
+def euler(model_fn, schedule, x, t, t_prime=None, *, order=1, cond=None, uc=None):
     """Euler on the probability-flow ODE in the schedule's time.
 
     x_{i+1} = x_i + (t_{i+1} - t_i) [f(t_i) x_i + g(t_i) eps(x_i, t'_i)],
     f = d log alpha / dt, g = d sigma / dt - sigma f   (for VE: dx/dsigma = eps).
     NFE = S.
     """
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    g_ = Solve.start(model_fn, schedule, x, t, t_prime, cond, uc)
     for i in range(g_.steps):
         x = x + (g_.t[i + 1] - g_.t[i]) * g_.drift(x, g_.eps(x, i), i)
     return x
 
 
-def heun_step(g: Grid, x: Tensor, i: int, final: bool = False) -> Tensor:
+def heun_step(g: "Solve", x: Tensor, i: int, final: bool = False) -> Tensor:
     """One Heun step from x_i at t_i to t_{i+1} (plain Euler when ``final``); 2 network calls, 1 if final.
 
     In Karras et al.'s variables y = x / alpha, s = sigma / alpha (EDM noise level), dy/ds = eps:
@@ -172,7 +241,7 @@ def heun_step(g: Grid, x: Tensor, i: int, final: bool = False) -> Tensor:
     return a[i + 1] * (y + ds * 0.5 * (d + d2))
 
 
-def heun(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None, plans=None, **_):
+def heun(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None):
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step is plain Euler.
 
     Integrates dy/ds = eps(alpha y, t) in y = x / alpha and the EDM noise level s = sigma / alpha
@@ -182,17 +251,19 @@ def heun(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None,
     Not in the schedule's time t: for ``vp_discrete`` (piecewise-linear log alpha in t) the ODE in t
     has kinks at every training step and Heun in t is not second order there. NFE = 2S - 1.
     """
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    g_ = Solve.start(model_fn, schedule, x, t, t_prime, cond, uc)
     for i in range(g_.steps):
         x = heun_step(g_, x, i, final=i == g_.steps - 1)
     return x
 
 
 # --------------------------------------------------------------------------- DPM-Solver++ (multistep)
-def dpm_solver_pp_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int) -> Tensor:
+def dpm_solver_pp_step(g: "Solve", x: Tensor, ms: list[Tensor], i: int, k: int, third_order: str = "exact") -> Tensor:
     """One DPM-Solver++ update of order k from x_i at t_i to t_{i+1}.
 
     ``ms`` ends with the data predictions ..., m_{i-1}, m_i (at least k of them). No network call.
+    ``third_order``: "exact" (D2 with the factor 2, see ``dpm_solver_pp``) or "paper" (without it, as
+    the paper's and DPM-Solver's reference code).
     """
     lam = g.lam
     h = lam[i + 1] - lam[i]
@@ -208,15 +279,15 @@ def dpm_solver_pp_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int) -> 
         d1_0 = (ms[-1] - ms[-2]) / r0
         d1_1 = (ms[-2] - ms[-3]) / r1
         d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 m''; the reference code lacks the 2 (see docstring)
+        d2 = (2.0 if third_order == "exact" else 1.0) * (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 m'' (see docstring)
         phi_2 = phi_1 / h + 1.0
         phi_3 = phi_2 / h - 0.5
         x_new = x_new + g.alpha[i + 1] * phi_2 * d1 - g.alpha[i + 1] * phi_3 * d2
     return x_new
 
 
-def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None,
-                  lower_order_final=True, **_):
+def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None,
+                  lower_order_final=True, third_order="exact"):
     """DPM-Solver++ multistep (1M/2M/3M), data prediction, exponential integrator.
 
     With m_j = x0_j, h = lambda_{i+1} - lambda_i, phi_1 = e^{-h} - 1:
@@ -230,23 +301,26 @@ def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None,
     code (and code copied from it) uses D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 m'' / 2, which leaves a
     local error -h^3 m'' / 12: its 3M step is only locally third order, globally second. With the
     factor 2 the step is the exponential integrator of the quadratic through m_{i-2}, m_{i-1}, m_i,
-    locally O(h^4) (tests/test_solvers.py::test_local_order).)
+    locally O(h^4) (tests/test_solvers.py::test_local_order). ``third_order="paper"`` takes the
+    reference code's D2, for the paper's numbers.)
     NFE = S.
     """
     if not 1 <= order <= 3:
         raise ValueError(f"dpm_solver++ supports orders 1-3, got {order}")
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    if third_order not in ("exact", "paper"):
+        raise ValueError(f"third_order must be 'exact' or 'paper', got {third_order!r}")
+    g_ = Solve.start(model_fn, schedule, x, t, t_prime, cond, uc)
     ms: list[Tensor] = []
     for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
         ms.append(g_.x0(x, g_.eps(x, i), i))
         ms = ms[-3:]
-        x = dpm_solver_pp_step(g_, x, ms, i, k)
+        x = dpm_solver_pp_step(g_, x, ms, i, k, third_order)
     return x
 
 
 # --------------------------------------------------------------------------- UniPC
-def _unipc_table(g: Grid, variant: str, kmax: int) -> list[tuple[tuple[Tensor, Tensor], ...]]:
-    """Coefficients of the UniPC updates of orders 1..kmax at every step of the grid, computed at once.
+def _unipc_table(g: Grid, variant: str) -> list[tuple[tuple[Tensor, Tensor], ...]]:
+    """Coefficients of the UniPC updates of orders 1, 2, 3 at every step of the grid, computed at once.
 
     UniPC (Zhao et al. 2023, data prediction, hh = -h, B(h) = hh (bh1) or e^{hh} - 1 (bh2)) solves
     sum_j rho_j x_j^p = b_{p+1} (p = 0..k-1) on the nodes x = (r_1, ..., r_{k-1}, 1), with
@@ -262,9 +336,6 @@ def _unipc_table(g: Grid, variant: str, kmax: int) -> list[tuple[tuple[Tensor, T
     Vector ops over all steps, a few dozen whatever S. Rows of steps without enough history
     (i < k - 1) are computed from placeholder points and never used.
     """
-    for k in range(kmax, 4):  # a table with more orders serves too
-        if ("uni_pc", variant, k) in g.plans:
-            return g.plans[("uni_pc", variant, k)]
     lam = g.lam_v
     h = lam[1:] - lam[:-1]
     hh = -h
@@ -276,38 +347,36 @@ def _unipc_table(g: Grid, variant: str, kmax: int) -> list[tuple[tuple[Tensor, T
     nc = -alpha_next * b_h  # x~ - alpha_{i+1} B(h) (...)
     half = 0.5 * nc
     tables = [(torch.stack([a, b], 1), torch.stack([a, b - half, half], 1))]  # k = 1: rho^c = 1/2
-    if kmax >= 2:
-        bs = []
-        fact = 1
-        for p in range(1, kmax + 1):
-            phi = phi / hh - 1.0 / fact  # h phi_{p+1}
-            bs.append(phi / b_h if fact == 1 else phi * (fact / b_h))
-            fact *= p + 1
-        # r_1 = (lambda_{i-1} - lambda_i) / h_i = -h_{i-1} / h_i, r_2 = r_1 - h_{i-2} / h_i; before the
-        # start h_{-1} = h_{-2} = h_0 stand in (rows never used, but finite, with r_1 != r_2 != 1)
-        h1 = torch.cat([h[:1], h[:-1]])
-        r1 = -h1 / h
-        p1 = half / r1  # rho^p = 1/2
-        rho1 = (bs[1] - bs[0]) / (r1 - 1.0)  # nodes (r1, 1)
-        q1, qn = nc * rho1 / r1, nc * (bs[0] - rho1)
-        tables.append((torch.stack([a, b - p1, p1], 1), torch.stack([a, b - q1 - qn, qn, q1], 1)))
-    if kmax >= 3:
-        r2 = r1 - torch.cat([h[:1], h1[:-1]]) / h
-        rho1 = (bs[1] - r2 * bs[0]) / (r1 - r2)  # predictor, nodes (r1, r2)
-        p1, p2 = nc * rho1 / r1, nc * (bs[0] - rho1) / r2
-        d12, d1, d2 = r1 - r2, r1 - 1.0, r2 - 1.0  # corrector, nodes (r1, r2, 1)
-        c1 = (bs[2] - (r2 + 1.0) * bs[1] + r2 * bs[0]) / (d12 * d1)
-        c2 = (bs[2] - (r1 + 1.0) * bs[1] + r1 * bs[0]) / (-d12 * d2)
-        cn = (bs[2] - (r1 + r2) * bs[1] + r1 * r2 * bs[0]) / (d1 * d2)
-        q1, q2, qn = nc * c1 / r1, nc * c2 / r2, nc * cn
-        tables.append((torch.stack([a, b - p1 - p2, p1, p2], 1),
-                       torch.stack([a, b - q1 - q2 - qn, qn, q1, q2], 1)))
-    out = [tuple(zip(pred.unsqueeze(1).unbind(), corr.unsqueeze(1).unbind())) for pred, corr in tables]
-    g.plans[("uni_pc", variant, kmax)] = out
-    return out
+    # order 2
+    bs = []
+    fact = 1
+    for p in range(1, 4):
+        phi = phi / hh - 1.0 / fact  # h phi_{p+1}
+        bs.append(phi / b_h if fact == 1 else phi * (fact / b_h))
+        fact *= p + 1
+    # r_1 = (lambda_{i-1} - lambda_i) / h_i = -h_{i-1} / h_i, r_2 = r_1 - h_{i-2} / h_i; before the
+    # start h_{-1} = h_{-2} = h_0 stand in (rows never used, but finite, with r_1 != r_2 != 1)
+    h1 = torch.cat([h[:1], h[:-1]])
+    r1 = -h1 / h
+    p1 = half / r1  # rho^p = 1/2
+    rho1 = (bs[1] - bs[0]) / (r1 - 1.0)  # nodes (r1, 1)
+    q1, qn = nc * rho1 / r1, nc * (bs[0] - rho1)
+    tables.append((torch.stack([a, b - p1, p1], 1), torch.stack([a, b - q1 - qn, qn, q1], 1)))
+    # order 3
+    r2 = r1 - torch.cat([h[:1], h1[:-1]]) / h
+    rho1 = (bs[1] - r2 * bs[0]) / (r1 - r2)  # predictor, nodes (r1, r2)
+    p1, p2 = nc * rho1 / r1, nc * (bs[0] - rho1) / r2
+    d12, d1, d2 = r1 - r2, r1 - 1.0, r2 - 1.0  # corrector, nodes (r1, r2, 1)
+    c1 = (bs[2] - (r2 + 1.0) * bs[1] + r2 * bs[0]) / (d12 * d1)
+    c2 = (bs[2] - (r1 + 1.0) * bs[1] + r1 * bs[0]) / (-d12 * d2)
+    cn = (bs[2] - (r1 + r2) * bs[1] + r1 * r2 * bs[0]) / (d1 * d2)
+    q1, q2, qn = nc * c1 / r1, nc * c2 / r2, nc * cn
+    tables.append((torch.stack([a, b - p1 - p2, p1, p2], 1),
+                   torch.stack([a, b - q1 - q2 - qn, qn, q1, q2], 1)))
+    return [tuple(zip(pred.unsqueeze(1).unbind(), corr.unsqueeze(1).unbind())) for pred, corr in tables]
 
 
-def uni_pc_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int, variant: str = "bh2",
+def uni_pc_step(g: "Solve", x: Tensor, ms: list[Tensor], i: int, k: int, variant: str = "bh2",
                 corrector: bool = True) -> tuple[Tensor, Tensor | None]:
     """One UniPC update of order k from x_i at t_i to t_{i+1}; ``ms`` ends with ..., m_{i-1}, m_i.
 
@@ -317,7 +386,7 @@ def uni_pc_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int, variant: s
     """
     if not (0 <= k - 1 <= i < g.steps and 1 <= k <= 3):
         raise ValueError(f"UniPC order {k} (1-3) at step {i} needs {k} past outputs; it has {i + 1}")
-    pred, corr = _unipc_table(g, variant, k)[k - 1][i]
+    pred, corr = g.table(("uni_pc", variant), lambda gr: _unipc_table(gr, variant))[k - 1][i]
     hist = ms[::-1][:k]  # m_i, m_{i-1}, ...
     x_pred = combine(pred, [x, *hist])
     if not corrector:
@@ -326,8 +395,8 @@ def uni_pc_step(g: Grid, x: Tensor, ms: list[Tensor], i: int, k: int, variant: s
     return combine(corr, [x, hist[0], m_next, *hist[1:]]), m_next
 
 
-def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None, variant="bh2",
-           lower_order_final=True, **_):
+def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, variant="bh2",
+           lower_order_final=True):
     """UniPC multistep predictor-corrector (UniP-k + UniC), data prediction.
 
     Step i of order k, h = lambda_{i+1} - lambda_i, r_j = (lambda_{i-j} - lambda_i) / h,
@@ -344,9 +413,8 @@ def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=Non
         raise ValueError(f"uni_pc supports orders 1-3, got {order}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; choose bh1 or bh2")
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    g_ = Solve.start(model_fn, schedule, x, t, t_prime, cond, uc)
     orders = step_orders(g_.steps, order, lower_order_final)
-    _unipc_table(g_, variant, max(orders))
     ms = [g_.x0(x, g_.eps(x, 0), 0)]
     for i, k in enumerate(orders):
         last = i == g_.steps - 1
@@ -365,7 +433,7 @@ IPNDM_WEIGHTS = {
 }
 
 
-def ipndm_step(g: Grid, y: Tensor, eps_hist: list[Tensor], i: int, k: int) -> Tensor:
+def ipndm_step(g: "Solve", y: Tensor, eps_hist: list[Tensor], i: int, k: int) -> Tensor:
     """One AB-k step in y = x / alpha, s = sigma / alpha from s_i to s_{i+1}; ``eps_hist`` newest first.
 
     y_{i+1} = y_i + (s_{i+1} - s_i) sum_j w^k_j eps_{i-j}. No network call.
@@ -377,7 +445,7 @@ def ipndm_step(g: Grid, y: Tensor, eps_hist: list[Tensor], i: int, k: int) -> Te
     return torch.addcmul(y, g.s[i + 1] - g.s[i], d)
 
 
-def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None, plans=None, lower_order_final=False, **_):
+def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None, lower_order_final=False):
     """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on the noise prediction.
 
     In y = x / alpha and s = sigma / alpha (EDM noise level) the ODE is dy/ds = eps, and
@@ -386,7 +454,7 @@ def ipndm(model_fn, schedule, x, t, t_prime=None, *, order=4, cond=None, uc=None
     """
     if not 1 <= order <= 4:
         raise ValueError(f"ipndm supports orders 1-4, got {order}")
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    g_ = Solve.start(model_fn, schedule, x, t, t_prime, cond, uc)
     eps_hist: list[Tensor] = []
     y = x / g_.alpha[0]
     for i, k in enumerate(step_orders(g_.steps, order, lower_order_final)):
@@ -411,7 +479,7 @@ def singlestep_orders(nfe: int, order: int) -> list[int]:
     return [1] * nfe
 
 
-def dpm_solver_step(g: Grid, x: Tensor, p: int, k: int) -> Tensor:
+def dpm_solver_step(g: "Solve", x: Tensor, p: int, k: int) -> Tensor:
     """One singlestep DPM-Solver step of order k from x at t_p to t_{p+k} (formulas in ``dpm_solver``).
 
     k network calls, at t'_p ... t'_{p+k-1}; the intermediate points are the grid's t_{p+1}, t_{p+2}.
@@ -442,7 +510,7 @@ def dpm_solver_step(g: Grid, x: Tensor, p: int, k: int) -> Tensor:
     return base - sg[q] * phi_2 * d1 - sg[q] * phi_3 * d2
 
 
-def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None, plans=None, **_):
+def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=None):
     """Singlestep DPM-Solver (Lu et al. 2022), noise prediction.
 
     The S = NFE intervals of ``t`` are grouped into steps of orders ``singlestep_orders(S, order)``;
@@ -465,7 +533,7 @@ def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc
     """
     if not 1 <= order <= 3:
         raise ValueError(f"dpm_solver supports orders 1-3, got {order}")
-    g_ = Grid(model_fn, schedule, x, t, t_prime, cond, uc, plans)
+    g_ = Solve.start(model_fn, schedule, x, t, t_prime, cond, uc)
     p = 0
     for k in singlestep_orders(g_.steps, order):
         x = dpm_solver_step(g_, x, p, k)
@@ -475,7 +543,34 @@ def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc
 
 # --------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
+class SolverOption:
+    """One option of a solver: its keyword, the config key that sets it, type, default and allowed values."""
+
+    name: str
+    cfg_key: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+    def check(self, solver: str, value: Any) -> Any:
+        if self.type is bool and not isinstance(value, bool):
+            raise ValueError(f"{solver} option {self.name} must be true or false, got {value!r}")
+        if self.type is not bool and not isinstance(value, self.type):
+            raise ValueError(f"{solver} option {self.name} must be a {self.type.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{solver} option {self.name}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        return value
+
+
+LOWER_ORDER_FINAL = SolverOption("lower_order_final", "lower_order_final", bool, True,
+                                 "lower the order of the last steps (multistep solvers)")
+
+
+@dataclass(frozen=True)
 class SolverInfo:
+    """A solver and what it declares: orders, how NFE maps to steps, and its own options."""
+
     name: str
     fn: Callable
     min_order: int
@@ -483,16 +578,36 @@ class SolverInfo:
     default_order: int
     steps_for_nfe: Callable[[int], int]
     nfe_for_steps: Callable[[int], int]
+    options: tuple[SolverOption, ...] = ()
+
+    def option(self, name: str) -> SolverOption:
+        for o in self.options:
+            if o.name == name:
+                return o
+        own = ", ".join(o.name for o in self.options) or "none"
+        raise ValueError(f"{self.name} has no option {name}; its options: {own}")
 
 
-SOLVERS: dict[str, SolverInfo] = {
-    "euler": SolverInfo("euler", euler, 1, 1, 1, lambda n: n, lambda s: s),
-    "heun": SolverInfo("heun", heun, 2, 2, 2, lambda n: (n + 1) // 2, lambda s: 2 * s - 1),
-    "dpm_solver++": SolverInfo("dpm_solver++", dpm_solver_pp, 1, 3, 3, lambda n: n, lambda s: s),
-    "uni_pc": SolverInfo("uni_pc", uni_pc, 1, 3, 3, lambda n: n, lambda s: s),
-    "ipndm": SolverInfo("ipndm", ipndm, 1, 4, 4, lambda n: n, lambda s: s),
-    "dpm_solver": SolverInfo("dpm_solver", dpm_solver, 1, 3, 3, lambda n: n, lambda s: s),
-}
+def _same(n: int) -> int:
+    return n
+
+
+SOLVERS: dict[str, SolverInfo] = {s.name: s for s in (
+    SolverInfo("euler", euler, 1, 1, 1, _same, _same),
+    SolverInfo("heun", heun, 2, 2, 2, lambda n: (n + 1) // 2, lambda s: 2 * s - 1),
+    SolverInfo("dpm_solver++", dpm_solver_pp, 1, 3, 3, _same, _same, (
+        LOWER_ORDER_FINAL,
+        SolverOption("third_order", "dpmpp_3m", str, "exact", "3M step: exact (D2 with the factor 2 of the "
+                     "Taylor expansion) or paper (the reference code's, globally second order)",
+                     ("exact", "paper")))),
+    SolverInfo("uni_pc", uni_pc, 1, 3, 3, _same, _same, (
+        SolverOption("variant", "unipc_variant", str, "bh2", "UniPC variant B(h): bh1 or bh2", ("bh1", "bh2")),
+        LOWER_ORDER_FINAL)),
+    SolverInfo("ipndm", ipndm, 1, 4, 4, _same, _same, (
+        SolverOption("lower_order_final", "lower_order_final", bool, False,
+                     "lower the order of the last steps (off in the paper's iPNDM)"),)),
+    SolverInfo("dpm_solver", dpm_solver, 1, 3, 3, _same, _same),
+)}
 
 
 def get_solver(name: str) -> SolverInfo:
@@ -508,38 +623,26 @@ def steps_for_nfe(name: str, nfe: int) -> int:
     return get_solver(name).steps_for_nfe(nfe)
 
 
-@lru_cache(maxsize=None)
-def _options_of(name: str) -> frozenset[str]:
-    """The solver's own keywords (read from its signature once)."""
-    common = {"model_fn", "schedule", "x", "t", "t_prime", "_", "order", "cond", "uc", "plans"}
-    return frozenset(inspect.signature(get_solver(name).fn).parameters) - common
-
-
-def solve(name: str, model_fn, schedule: NoiseSchedule, x: Tensor, t: Tensor, t_prime: Tensor | None = None,
-          *, order: int | None = None, cond: Any = None, uc: Any = None, plans: dict | None = None,
-          **options) -> Tensor:
+def solve(name: str, model_fn, schedule: NoiseSchedule, x: Tensor, t: "Tensor | Grid", t_prime: Tensor | None = None,
+          *, order: int | None = None, cond: Any = None, uc: Any = None, **options) -> Tensor:
     """Run solver ``name`` from x = x_T along ``t`` (network at ``t_prime``).
 
-    ``options`` are the solver's own keywords (``variant`` for uni_pc, ``lower_order_final`` for the
-    multistep solvers); an option the solver does not have is an error, not silently ignored.
-    ``plans``: a dict shared by rollouts on the same ``t`` (see ``Grid``), or None.
+    ``t``: the times (a tensor, with ``t_prime``), or a ``Grid`` shared by rollouts on the same times.
+    ``options``: the solver's declared options (``SolverInfo.options``), checked; an option the
+    solver does not have is an error, not silently ignored.
     """
     info = get_solver(name)
     order = info.default_order if order is None else int(order)
     if not info.min_order <= order <= info.max_order:
         raise ValueError(f"{name} supports orders {info.min_order}-{info.max_order}, got {order}")
-    unknown = sorted(set(options) - _options_of(name))
-    if unknown:
-        own = ", ".join(sorted(_options_of(name))) or "none"
-        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: {own}")
-    return info.fn(model_fn, schedule, x, t, t_prime, order=order, cond=cond, uc=uc, plans=plans, **options)
+    checked = {k: info.option(k).check(name, v) for k, v in options.items()}
+    return info.fn(model_fn, schedule, x, t, t_prime, order=order, cond=cond, uc=uc, **checked)
 
 
 def nfe_of(name: str, steps: int) -> int:
     return get_solver(name).nfe_for_steps(steps)
 
 
-__all__ = ["solve", "get_solver", "steps_for_nfe", "nfe_of", "SOLVERS", "step_orders", "singlestep_orders",
-           "euler", "heun", "dpm_solver_pp", "uni_pc", "ipndm", "dpm_solver", "Grid",
-           "heun_step", "dpm_solver_pp_step", "uni_pc_step", "ipndm_step", "dpm_solver_step"]
-
+__all__ = ["solve", "get_solver", "steps_for_nfe", "nfe_of", "SOLVERS", "SolverInfo", "SolverOption",
+           "step_orders", "singlestep_orders", "euler", "heun", "dpm_solver_pp", "uni_pc", "ipndm", "dpm_solver",
+           "Grid", "Solve", "heun_step", "dpm_solver_pp_step", "uni_pc_step", "ipndm_step", "dpm_solver_step"]

@@ -426,7 +426,7 @@ def test_gen_data_and_main_lsun(tmp_path):
     assert out.name == "uni_pc_NFE12_time_uniform_seed0" and len(files) == 8
     d = torch.load(files[0], weights_only=True)
     assert d["latent"].shape == (3, 8, 8) and d["img"].shape == (3, 16, 16) and d["c"] is None and d["uc"] is None
-    assert d["img"].abs().max() <= 1.0 and d["img"].std() > 0.01
+    assert torch.isfinite(d["img"]).all() and d["img"].std() > 0.01  # not clamped, as the paper writes it
     run = Path(ld3_main.main(["--all_config", str(cfg), "--data_dir", str(out), "--low_gpu", "true"]))
     first, best = _learned(run)
     assert best < first, f"learning did not lower the validation loss ({first} -> {best})"

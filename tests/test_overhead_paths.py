@@ -15,7 +15,7 @@ from PIL import Image
 from ld3.data import save_pngs, to_uint8
 from ld3.figures import FigureHelper
 from ld3.timing import Timed
-from ld3.trainer import _clip_grad_norm_, _project
+from ld3.trainer import clip_grad_norm_, project
 from models.analytic import digits_gmm_model
 from samplers.discretizations import get_discretization
 from samplers.solvers import Grid, combine, solve
@@ -94,10 +94,9 @@ def test_combine_keeps_float32_precision_when_matmuls_may_not():
 
 
 @pytest.mark.parametrize("name", ["uni_pc", "ipndm", "dpm_solver++", "heun", "euler", "dpm_solver"])
-def test_shared_plans_give_the_same_rollouts(name):
-    """A training step's two rollouts share ``plans``: the second (no gradient, detached times)
-    gives exactly what a rollout computing its own coefficients gives, and the first's gradient
-    is unchanged."""
+def test_a_shared_grid_gives_the_same_rollouts(name):
+    """A training step's two rollouts share a ``Grid``: the second (no gradient) gives exactly what a
+    rollout computing its own coefficients gives, and the first's gradient is unchanged."""
     model = digits_gmm_model()
     sch = model.schedule
     x = sch.prior(torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(1)))
@@ -106,26 +105,34 @@ def test_shared_plans_give_the_same_rollouts(name):
     for share in (False, True):
         t = t0.clone().requires_grad_(True)
         tp = (t0 * 1.01).clamp(max=sch.T).requires_grad_(True)
-        plans = {} if share else None
-        out = solve(name, model.noise_fn, sch, x, t, tp, plans=plans)
+        grid = Grid(sch, t, tp, dtype=x.dtype) if share else None
+        out = solve(name, model.noise_fn, sch, x, grid if share else t, None if share else tp)
         grads.append(torch.autograd.grad(out.pow(2).sum(), [t, tp]))
         with torch.no_grad():
-            again = solve(name, model.noise_fn, sch, x * 0.5, t.detach(), tp.detach(), plans=plans)
+            again = solve(name, model.noise_fn, sch, x * 0.5, grid) if share else None
             fresh = solve(name, model.noise_fn, sch, x * 0.5, t.detach(), tp.detach())
-        assert torch.equal(again, fresh)
+        if share:
+            assert torch.equal(again, fresh)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def test_plans_of_other_times_are_refused():
+def test_a_grid_is_tied_to_its_schedule_dtype_and_times():
+    """A grid cannot be used for another schedule or dtype, nor beside other times: its tables
+    belong to the times it was built from."""
     model = digits_gmm_model()
     sch = model.schedule
     x = torch.zeros(1, *model.latent_shape, dtype=torch.float64)
-    plans: dict = {}
-    Grid(model.noise_fn, sch, x, get_discretization("edm", sch, 4), None, None, None, plans)
-    with pytest.raises(ValueError, match="other times"):
-        Grid(model.noise_fn, sch, x.float(), get_discretization("edm", sch, 4), None, None, None, plans)
-    with pytest.raises(ValueError, match="other times"):
-        Grid(model.noise_fn, sch, x, get_discretization("edm", sch, 5), None, None, None, plans)
+    t = get_discretization("edm", sch, 4)
+    grid = Grid(sch, t, dtype=torch.float64)
+    solve("euler", model.noise_fn, sch, x, grid)
+    with pytest.raises(ValueError, match="float64"):
+        solve("euler", model.noise_fn, sch, x.float(), grid)
+    with pytest.raises(ValueError, match="another noise schedule"):
+        solve("euler", model.noise_fn, type(sch)(), x, grid)
+    with pytest.raises(ValueError, match="t_prime"):
+        solve("euler", model.noise_fn, sch, x, grid, t)
+    with pytest.raises(AttributeError):
+        grid.t_v = t * 2  # noqa: B010 - read-only
 
 
 # --------------------------------------------------------------------------- trainer pieces
@@ -136,7 +143,7 @@ def test_clip_grad_norm_matches_torch():
         a.grad = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * scale
         b.grad = a.grad.clone()
         torch.nn.utils.clip_grad_norm_([a], 1.0)
-        _clip_grad_norm_(b, 1.0)
+        clip_grad_norm_(b, 1.0)
         assert torch.equal(a.grad, b.grad)
 
 
@@ -146,7 +153,7 @@ def test_project_onto_the_ball():
     d = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
     d[:2] *= 0.01 / d[:2].flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)  # rows 0-1 inside r = 0.05
     d[2:] *= 0.2 / d[2:].flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)  # rows 2-3 outside
-    p = _project(z + d, z, 0.05)
+    p = project(z + d, z, 0.05)
     assert torch.allclose(p[:2], (z + d)[:2], rtol=0, atol=1e-15)
     moved = (p - z)[2:].flatten(1)
     assert torch.allclose(moved.norm(dim=1), torch.full((2,), 0.05, dtype=torch.float64), rtol=1e-6)

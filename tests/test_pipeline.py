@@ -47,7 +47,7 @@ def test_paper_commands_verbatim(tmp_path):
     assert len(list(data.glob("latent_*.pt"))) == 100 and len(list(data.glob("*.png"))) == 100
     d = torch.load(data / "latent_000007.pt", weights_only=True)
     assert set(d) == {"latent", "img", "c", "uc"} and d["latent"].shape == (1, 8, 8) and d["img"].shape == (1, 8, 8)
-    assert d["img"].abs().max() <= 1.0
+    assert d["img"].abs().max() > 1.0  # the teacher's images as computed, not clamped (the paper's files)
 
     r = run("main.py", "--all_config", CFG, "--data_dir", str(data), "--num_train", "50", "--num_valid", "50",
             "--main_train_batch_size", "1", "--main_valid_batch_size", "10", "--training_rounds_v1", "2",
@@ -113,7 +113,7 @@ def test_load_from_paper_checkpoint(tmp_path):
     assert out.name == "uni_pc_NFE4_ld3_seed0"
     s = load_samples(out, 5)
     x = solve("uni_pc", model.noise_fn, model.schedule, model.schedule.prior(s.latent.double()), t, tp)
-    assert torch.allclose(s.img, x.clamp(-1, 1).float(), atol=1e-5)
+    assert torch.allclose(s.img.double(), x, atol=1e-5)
 
 
 def test_lpips_without_weights_is_one_line(tmp_path):

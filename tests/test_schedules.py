@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from samplers.discretizations import SKIP_TYPES, get_discretization
+from samplers.discretizations import ALL_SKIP_TYPES, get_discretization
 from samplers.schedules import (
     SCHEDULES,
     VESchedule,
@@ -208,7 +208,7 @@ def test_ode_coefficients_keep_the_graph():
 STEP_COUNTS = [1, 2, 3, 5, 10, 50]
 
 
-@pytest.mark.parametrize("skip_type", sorted(SKIP_TYPES))
+@pytest.mark.parametrize("skip_type", sorted(set(ALL_SKIP_TYPES) - {"gits"}))
 @pytest.mark.parametrize("steps", STEP_COUNTS)
 def test_discretization_shape_endpoints_monotone(schedule, skip_type, steps):
     t = get_discretization(skip_type, schedule, steps)
@@ -228,8 +228,22 @@ def test_time_uniform_is_uniform(schedule, steps):
 
 
 @pytest.mark.parametrize("steps", [2, 5, 17])
-def test_time_quadratic_is_uniform_in_sqrt_t(schedule, steps):
+def test_time_quadratic_is_quadratic_in_the_step_index(schedule, steps):
+    """The paper's time_quadratic: (t_i - t_min) / (T - t_min) = ((S - i) / S)^2, so its square root
+    is uniform in i."""
     t = get_discretization("time_quadratic", schedule, steps)
+    _assert_uniform(torch.sqrt((t - schedule.t_min) / (schedule.T - schedule.t_min)))
+
+
+def test_time_quadratic_nfe4_is_the_papers():
+    """The paper's grid for NFE 4 on EDM's [0.002, 80] (LD3_SPEC section 4)."""
+    t = get_discretization("time_quadratic", VESchedule(), 4)
+    assert torch.allclose(t, torch.tensor([80, 45.000875, 20.0015, 5.001875, 0.002], **F64), rtol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [2, 5, 17])
+def test_time_sqrt_is_uniform_in_sqrt_t(schedule, steps):
+    t = get_discretization("time_sqrt", schedule, steps)
     _assert_uniform(torch.sqrt(t))
 
 
@@ -240,9 +254,18 @@ def test_logsnr_is_uniform_in_lambda(schedule, steps):
 
 
 @pytest.mark.parametrize("steps", [2, 5, 17])
-def test_edm_is_uniform_in_sigma_to_the_one_seventh(schedule, steps):
-    t = get_discretization("edm", schedule, steps)
+def test_karras_is_uniform_in_sigma_to_the_one_seventh(schedule, steps):
+    t = get_discretization("karras", schedule, steps)
     _assert_uniform(schedule.edm_sigma(t) ** (1 / 7))
+
+
+@pytest.mark.parametrize("steps", [2, 5, 17])
+def test_edm_is_the_papers(schedule, steps):
+    """The paper's edm: uniform in sigma^(1/7) on VE schedules (= karras), in t^(1/7) on the others."""
+    t = get_discretization("edm", schedule, steps)
+    _assert_uniform((schedule.edm_sigma(t) if schedule.name == "ve" else t) ** (1 / 7))
+    if schedule.name == "ve":
+        assert torch.equal(t, get_discretization("karras", schedule, steps))
 
 
 def test_edm_on_ve_matches_karras_formula():

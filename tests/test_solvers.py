@@ -24,6 +24,7 @@ from samplers.reference import dpm_solver_pp_2m, exponential_integrator_step
 from samplers.solvers import (
     SOLVERS,
     Grid,
+    Solve,
     dpm_solver_pp_step,
     dpm_solver_step,
     heun_step,
@@ -162,7 +163,7 @@ def local_error(schedule_name: str, kind: str, k: int, h: float, variant: str | 
     t = sch.t_of_lambda(torch.tensor(lams, **F64))
     x_start = gaussian_start(net)
     xs = [net.exact_solution(x_start, sch.T, ti) for ti in t]
-    g = Grid(net, sch, x_start, t, None, None, None)
+    g = Solve.start(net, sch, x_start, t)
     i = len(lams) - 2  # the update goes from t_i to t_{i+1}
     ms = [g.x0(xs[j], g.eps(xs[j], j), j) for j in range(i + 1)]
     if kind == "euler":
@@ -213,7 +214,7 @@ def test_unipc_bh2_predictor_is_dpm_solver_pp():
         t = sch.t_of_lambda(torch.tensor([-0.4, 0.35, 0.6, 1.3], **F64))
         x_start = gaussian_start(net)
         xs = [net.exact_solution(x_start, sch.T, ti) for ti in t]
-        g = Grid(net, sch, x_start, t, None, None, None)
+        g = Solve.start(net, sch, x_start, t)
         ms = [g.x0(xs[j], g.eps(xs[j], j), j) for j in range(3)]
         for k in (1, 2, 3):
             a = dpm_solver_pp_step(g, xs[2], ms, 2, k)
@@ -521,9 +522,12 @@ def _expected_call_times(name: str, order: int, tp: list[float]) -> list[float]:
 @pytest.mark.parametrize("schedule_name", SCHEDULE_NAMES)
 @pytest.mark.parametrize("name,order,opts", ALL_CONFIGS, ids=[_cfg_id(c) for c in ALL_CONFIGS])
 def test_t_prime_only_moves_the_network_times(schedule_name, name, order, opts):
-    """(1) The network is called at t' in order. (2) The coefficients still come from t: with a
-    model whose time input is warped, m(x, phi^-1(tau)), and t' = phi(t), the result equals the plain
-    model's with t' = t. (3) A shifted t' with the plain model does change the result."""
+    """(1) The network is called at t' in order. (2) The step coefficients still come from t, and the
+    data prediction of a network output at t' from t' (the paper's ``data_prediction_fn(x, t2)``):
+    with a model warped in time, and t' = phi(t), the result equals the plain model's with t' = t.
+    The warped model gives at tau the plain model's noise prediction at phi^-1(tau) (noise-prediction
+    solvers), or the plain model's data prediction there (DPM-Solver++ and UniPC, which use
+    x0 = (x - sigma(t') eps) / alpha(t')). (3) A shifted t' with the plain model does change the result."""
     model, x_t = gmm_problem(schedule_name)
     sch = model.schedule
     t = get_discretization("edm", sch, 6)
@@ -538,7 +542,13 @@ def test_t_prime_only_moves_the_network_times(schedule_name, name, order, opts):
         phi, phi_inv = (lambda u: 0.9 * u + 0.05), (lambda u: (u - 0.05) / 0.9)
 
     def warped(x, tau, cond=None, uc=None):
-        return model.noise_fn(x, phi_inv(tau), cond, uc)
+        eps = model.noise_fn(x, phi_inv(tau), cond, uc)
+        if name not in ("dpm_solver++", "uni_pc"):
+            return eps
+        u = phi_inv(tau).reshape(-1, 1, 1, 1)
+        x0 = (x - sch.sigma(u) * eps) / sch.alpha(u)  # the plain model's data prediction at phi^-1(tau)
+        tau = tau.reshape(-1, 1, 1, 1)
+        return (x - sch.alpha(tau) * x0) / sch.sigma(tau)
 
     plain = solve(name, model.noise_fn, sch, x_t, t, order=order, **opts)
     via_warp = solve(name, warped, sch, x_t, t, phi(t), order=order, **opts)
@@ -588,7 +598,7 @@ def test_dpm_solver_pp_steps_match_exponential_integrator_definition(schedule_na
     for lams in ([-0.4, 0.35, 0.6, 1.3], [-1.0, 0.2, 0.3, 2.5], [0.0, 0.01, 0.02, 0.03]):
         t = sch.t_of_lambda(torch.tensor(lams, **F64))
         xs = [net.exact_solution(x_start, sch.T, ti) for ti in t]
-        g = Grid(net, sch, x_start, t, None, None, None)
+        g = Solve.start(net, sch, x_start, t)
         ms = [g.x0(xs[j], g.eps(xs[j], j), j) for j in range(3)]
         for k in (1, 3):
             fast = dpm_solver_pp_step(g, xs[2], ms, 2, k)

@@ -79,11 +79,11 @@ def make_scorer(metric: str, cfg: dict, model: Model, device: torch.device, z: T
         from ld3.losses import make_distance
 
         dist = make_distance(cfg["loss_type"], device, int(cfg.get("lpips_size") or 224))
-        tcfg = teacher_config(cfg.get("data_dir"))
+        tcfg = teacher_config(cfg)
         teacher = teacher_images(cfg, model, z, c, uc, batch, device, desc="teacher")
 
         def score(im: Tensor) -> float:
-            vals = [dist(im[i:i + batch].to(device), teacher[i:i + batch].to(device)).detach().cpu()
+            vals = [dist(im[i:i + batch].to(device).float(), teacher[i:i + batch].to(device).float()).detach().cpu()
                     for i in range(0, len(im), batch)]
             return float(torch.cat(vals).mean())
 

@@ -82,7 +82,12 @@ OPTIONS: dict[str, Opt] = {
     "order": Opt(_none_or(int), None, "solver order (default: the solver's own)"),
     "skip_type": Opt(str, "edm", "baseline discretization: edm, time_uniform, time_quadratic, logSNR, gits"),
     "unipc_variant": Opt(str, "bh2", "UniPC variant: bh1 or bh2", ("bh1", "bh2")),
-    "lower_order_final": Opt(str2bool, True, "lower the order of the final multistep steps"),
+    "lower_order_final": Opt(_none_or(str2bool), None, "lower the order of the final multistep steps (default: "
+                             "the solver's own: on for uni_pc and dpm_solver++, off for ipndm, as the paper's code)"),
+    "dpmpp_3m": Opt(str, "exact", "DPM-Solver++ order-3 step: exact (ours: D2 with the Taylor factor 2, third "
+                    "order) or paper (the paper's and DPM-Solver's reference code)", ("exact", "paper")),
+    "arithmetic": Opt(str, "fast", "solver and schedule arithmetic: fast (ours) or paper (the paper code's float32 "
+                      "coefficients and float64 states, to its numbers' rounding)", ("fast", "paper")),
     "learn": Opt(str2bool, False, "gen_data: sample with the learned run that main.py's options name"),
     "fid_folder": Opt(_none_or(str), None, "folder of FID results"),
     "ref_path": Opt(_none_or(str), None, "FID reference statistics (.npz with mu, sigma)"),
@@ -95,6 +100,10 @@ OPTIONS: dict[str, Opt] = {
     "save_pt": Opt(str2bool, False, "save latent_XXXXXX.pt files"),
     "save_png": Opt(str2bool, False, "save XXXXXX.png images"),
     "seed": Opt(int, 0, "random seed"),
+    "noise": Opt(str, "index", "gen_data: teacher noise per sample index, the same for any batch size (ours), or "
+                 "paper (torch.manual_seed(seed), then one randn per batch, as the paper's code)", ("index", "paper")),
+    "paper_compat": Opt(str2bool, False, "reproduce the paper's code: every departure of PAPER_VALUES goes back to "
+                        "the paper's behaviour (flags given on the command line still win)"),
     # main: data
     "num_train": Opt(int, 50, "number of training samples"),
     "num_valid": Opt(int, 50, "number of validation samples"),
@@ -127,12 +136,39 @@ OPTIONS: dict[str, Opt] = {
     "gits_ts": Opt(_none_or(str), None, "comma-separated EDM sigmas of a prior schedule"),
     "valid_every": Opt(int, 10, "validate after every k optimizer steps (ours; the paper's code: 1. Measured on "
                        "the digits U-Net, 10 is as good on fresh noise and twice as fast: see README, Performance)"),
+    "eval_on_one": Opt(str2bool, False, "validate on the first validation batch only until the first patience "
+                       "event (the paper's code: true)"),
+    "latent_step": Opt(str, "sample", "z' steps on each sample's own loss (ours) or on the batch-mean loss "
+                       "(mean: the paper's code, the step then shrinks with the batch size)", ("sample", "mean")),
+    "latent_check": Opt(str, "same_times", "a latent move is kept if the loss went down under the times that gave "
+                        "its gradient (ours), or under the times after the step (new_times: the paper's code)",
+                        ("same_times", "new_times")),
+    "reload_latents": Opt(str2bool, False, "a patience reload also restores the latents of the best state, as "
+                          "the paper's code does with its pickled datasets"),
+    "window": Opt(str, "schedule", "window of t' in lambda mode: win_rate x the smallest gap of the schedule "
+                  "(ours) or of the raw params1 numbers (params: the paper's code, t' = t until params1 move)",
+                  ("schedule", "params")),
+    "order_rng": Opt(str, "private", "generator of the training order: private (seeded by --seed; ours) or global "
+                     "(torch's, seeded by --seed at start, as the paper's DataLoaders)", ("private", "global")),
     "visualize": Opt(str2bool, True, "write plots into the run folder"),
     "resume": Opt(str2bool, False, "continue a stopped run from its last state (ours)"),
+    "overwrite": Opt(str2bool, False, "replace what a data or run folder holds when another model, other data "
+                     "or other options made it (without it, that stops with the option that differs)"),
     "sampling_seed": Opt(_none_or(int), None, "seed of fresh evaluation noise, drawn apart from the teacher noise (default: seed)"),
     "gmm_components": Opt(int, 40, "number of mixture components of the digits GMM (ours)"),
+    "teacher": Opt(_none_or(str), None, "the teacher to run for distances on fresh noise, as key=value pairs "
+                   "(solver_name=uni_pc,steps=20,skip_type=edm,order=3,unipc_variant=bh1); default: the data "
+                   "folder's gen_config.yml"),
     "eval_fresh": Opt(int, 0, "after training, compare with baselines on this many fresh noises (ours)"),
 }
+
+
+PAPER_VALUES: dict[str, Any] = {
+    "valid_every": 1, "eval_on_one": True, "latent_step": "mean", "latent_check": "new_times",
+    "reload_latents": True, "window": "params", "order_rng": "global", "arithmetic": "paper",
+    "dpmpp_3m": "paper", "noise": "paper",
+}
+"""What ``--paper_compat`` sets: the paper code's value of every option where we depart from it."""
 
 
 def _add_flag(p: argparse.ArgumentParser, name: str, opt: Opt | None, default: Any = argparse.SUPPRESS) -> None:
@@ -218,6 +254,12 @@ def parse_config(argv: list[str] | None = None, description: str = "", extra: di
         cfg[k] = v
     cfg.update(args)
     cfg["all_config"] = known.all_config
+    if cfg.get("paper_compat"):
+        for k, v in PAPER_VALUES.items():
+            if k in args and args[k] != v:
+                log.warning("--paper_compat with --%s %s: that departs from the paper's %s", k, args[k], v)
+            elif k in table:
+                cfg[k] = v
     return cfg
 
 

@@ -1,8 +1,10 @@
 """Teacher data: per-index noise, and the sample files (``latent_{index:06d}.pt``) <-> tensors.
 
-A sample file is a dict of tensors: ``latent`` (unit Gaussian noise before the prior
-transformation, the model's latent shape), ``img`` (teacher output decoded to [-1, 1],
-C x H x W), ``c`` and ``uc`` (condition / unconditional condition, or None).
+A sample file is a dict of tensors, as the paper's code writes it: ``latent`` (unit Gaussian noise
+before the prior transformation, the model's latent shape), ``img`` (the teacher's decoded output
+as the solver returns it, nominally in [-1, 1] but not clamped, in the solver's dtype: float64 from
+the paper's code and under ``--arithmetic paper``), ``c`` and ``uc`` (condition / unconditional
+condition, or None). Only PNGs and 8-bit metrics clamp.
 """
 
 from __future__ import annotations
@@ -45,23 +47,29 @@ def _row(v: Any, i: int) -> Any:
 
 def save_sample(folder: Path, index: int, latent: Tensor, img: Tensor, c: Any = None, uc: Any = None) -> Path:
     path = sample_path(folder, index)
-    atomic_torch_save({"latent": latent.detach().cpu().float().clone(), "img": img.detach().cpu().float().clone(),
+    atomic_torch_save({"latent": latent.detach().cpu().clone(), "img": img.detach().cpu().clone(),
                        "c": c, "uc": uc}, path)
     return path
 
 
-def save_pngs(folder: Path, indices: Sequence[int], imgs: Tensor) -> None:
+def save_pngs(folder: Path, indices: Sequence[int], imgs: Tensor, mode: str = "round") -> None:
     """Images (N x C x H x W in [-1, 1]) as ``{index:06d}.png``, converted to 8 bits in one go."""
     from PIL import Image
 
-    for i, arr in zip(indices, to_uint8(imgs)):
+    for i, arr in zip(indices, to_uint8(imgs, mode)):
         buf = io.BytesIO()
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
         _atomic_write_bytes(Path(folder) / f"{i:06d}.png", buf.getvalue())
 
 
-def to_uint8(img: Tensor) -> np.ndarray:
-    """B x C x H x W in [-1, 1] -> B x H x W x C uint8 (the layout FID tools read)."""
+def to_uint8(img: Tensor, mode: str = "round") -> np.ndarray:
+    """B x C x H x W in [-1, 1] -> B x H x W x C uint8 (the layout FID tools read), clamped.
+
+    ``round``: to the nearest level (EDM's generate.py); ``paper``: truncated, as the paper's gen_data.py
+    (``clip((x + 1) / 2 * 255, 0, 255).astype(uint8)``)."""
+    if mode == "paper":
+        a = np.clip(((img.detach().cpu() + 1.0) / 2.0).permute(0, 2, 3, 1).numpy() * 255.0, 0, 255)
+        return a.astype(np.uint8)
     x = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 
@@ -69,7 +77,7 @@ def to_uint8(img: Tensor) -> np.ndarray:
 @dataclass
 class SampleSet:
     latent: Tensor  # N x latent shape (unit noise)
-    img: Tensor  # N x C x H x W in [-1, 1]
+    img: Tensor  # N x C x H x W, as the teacher returned it (not clamped)
     c: Any
     uc: Any
     files: list[Path]
@@ -126,6 +134,11 @@ def load_samples(folder: Path, count: int, latent_shape: Sequence[int] | None = 
         raise UserError(f"data_dir {folder} has {len(files)} samples but {count} are needed "
                         f"(num_train + num_valid): generate more with gen_data.py --total_samples {count}")
     files = files[:count]
+    for expected, f in enumerate(files):  # the split is by index, as the paper's: a gap would shift it
+        if f.name != sample_path(folder, expected).name:
+            raise UserError(f"data_dir {folder}: {sample_path(folder, expected).name} is missing (found {f.name} "
+                            f"in its place), so the train/valid split would shift; regenerate it with gen_data.py "
+                            "on the same folder")
     rows = []
     for f in files:
         d = safe_load(f, "sample file")
@@ -142,6 +155,6 @@ def load_samples(folder: Path, count: int, latent_shape: Sequence[int] | None = 
         if img_shape is not None and tuple(img.shape) != tuple(img_shape):
             raise UserError(f"sample file {f}: img has shape {tuple(img.shape)} but the model produces "
                             f"{tuple(img_shape)}; the data was made for another model or config")
-        rows.append((lat.float(), img.float(), d.get("c"), d.get("uc")))
+        rows.append((lat, img, d.get("c"), d.get("uc")))
     return SampleSet(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
                      _stack([r[2] for r in rows], "c", files), _stack([r[3] for r in rows], "uc", files), files)

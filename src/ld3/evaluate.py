@@ -29,16 +29,48 @@ from samplers.solvers import steps_for_nfe
 
 log = logging.getLogger("ld3")
 
-DEFAULT_TEACHER = {"solver_name": "uni_pc", "steps": 20, "skip_type": "edm", "order": 3, "unipc_variant": "bh2"}
+TEACHER_KEYS = ("solver_name", "steps", "skip_type", "order", "unipc_variant", "lower_order_final", "dpmpp_3m",
+                "arithmetic")
+EXAMPLE_TEACHER = "solver_name=uni_pc,steps=20,skip_type=edm,order=3,unipc_variant=bh1"
 
 
-def teacher_config(data_dir: str | Path | None) -> dict:
-    """The teacher's solver options, read from the data folder's gen_config.yml when present."""
+def _parse_teacher(spec: str) -> dict:
+    out: dict[str, Any] = {}
+    for part in str(spec).split(","):
+        if not part.strip():
+            continue
+        k, sep, v = part.partition("=")
+        k = k.strip()
+        if not sep or k not in TEACHER_KEYS:
+            raise UserError(f"--teacher: cannot read {part.strip()!r}; give key=value pairs of {', '.join(TEACHER_KEYS)}, "
+                            f"e.g. --teacher {EXAMPLE_TEACHER}")
+        v = yaml.safe_load(v.strip())
+        out[k] = v
+    for k in ("solver_name", "steps", "skip_type"):
+        if k not in out:
+            raise UserError(f"--teacher needs {k}, e.g. --teacher {EXAMPLE_TEACHER}")
+    return out
+
+
+def teacher_config(cfg: dict) -> dict:
+    """The teacher's solver options: the data folder's gen_config.yml, else ``--teacher``.
+
+    The paper's gen_data.py writes no gen_config.yml: for its folders give ``--teacher`` (or measure
+    against the folder's files, which needs no teacher run: sample.py --data_dir)."""
+    data_dir = cfg.get("data_dir")
     p = Path(data_dir) / "gen_config.yml" if data_dir else None
     if p is not None and p.is_file():
         g = yaml.safe_load(p.read_text()) or {}
-        return {k: g.get(k, v) for k, v in DEFAULT_TEACHER.items()} | {"lower_order_final": g.get("lower_order_final", True)}
-    return dict(DEFAULT_TEACHER, lower_order_final=True)
+        out = {k: g[k] for k in TEACHER_KEYS if g.get(k) is not None}
+        if cfg.get("teacher") and any(out.get(k) != v for k, v in _parse_teacher(cfg["teacher"]).items()):
+            log.warning("--teacher %s ignored: %s says the teacher was %s", cfg["teacher"], p,
+                        ",".join(f"{k}={v}" for k, v in out.items()))
+        return out
+    if cfg.get("teacher"):
+        return _parse_teacher(cfg["teacher"])
+    where = f"{data_dir} has no gen_config.yml (the paper's code writes none)" if data_dir else "no --data_dir given"
+    raise UserError(f"cannot tell which teacher to run: {where}; give --teacher {EXAMPLE_TEACHER} (the teacher of "
+                    "the paper's configs), or --data_dir of a folder gen_data.py wrote")
 
 
 def sampling_seed(cfg: dict) -> int:
@@ -57,31 +89,33 @@ def fresh_noise(cfg: dict, model: Model, n: int, device: torch.device,
     return z, c, uc
 
 
-@torch.no_grad()
 def images(model: Model, spec: SolverSpec, t: Tensor, tp: Tensor | None, z: Tensor, c: Any, uc: Any,
            batch: int, device: torch.device, desc: str | None = None) -> Tensor:
-    """Decoded images in [-1, 1] (CPU) of the noises ``z``, ``batch`` at a time; progress bar if ``desc``."""
-    from tqdm import tqdm
+    """Decoded images (CPU) of the noises ``z``, ``batch`` at a time, as the solver returns them (not
+    clamped: distances to the teacher are taken on these, as the paper's evaluator does; 8-bit metrics
+    clamp); progress bar if ``desc``."""
+    from ld3.sampling import chunked, sample_batches
 
     roll = Rollout(model, spec)
-    out = []
-    with tqdm(total=z.shape[0], desc=desc, unit="img", disable=None if desc else True, leave=False) as bar:
-        for i in range(0, z.shape[0], batch):
-            sl = slice(i, i + batch)
-            cc = None if c is None else c[sl]
-            uu = None if uc is None else uc[sl]
-            out.append(roll(z[sl].to(device), t.to(device), None if tp is None else tp.to(device), cc, uu)
-                       .clamp(-1, 1).cpu())
-            bar.update(out[-1].shape[0])
+    grid = roll.grid(t.to(device), None if tp is None else tp.to(device), dtype=z.dtype)
+
+    def draw(idx: list[int]):
+        sl = slice(idx[0], idx[-1] + 1)
+        return z[sl], None if c is None else c[sl], None if uc is None else uc[sl]
+
+    out = [b.images.cpu() for b in sample_batches(roll, grid, chunked(range(z.shape[0]), batch), draw, device,
+                                                  desc=desc, leave=False)]
     return torch.cat(out)
 
 
 def teacher_times(cfg: dict, model: Model) -> tuple[SolverSpec, Tensor]:
-    """The teacher's solver and discretization (``teacher_config`` of ``cfg['data_dir']``)."""
-    tcfg = teacher_config(cfg.get("data_dir"))
-    tspec = SolverSpec.from_cfg({**cfg, **tcfg}, tcfg["solver_name"], tcfg.get("order"))
+    """The teacher's solver and discretization (``teacher_config``)."""
+    tcfg = teacher_config(cfg)
+    merged = {**cfg, **{k: None for k in TEACHER_KEYS if k not in ("solver_name", "steps", "skip_type", "arithmetic")},
+              **tcfg}
+    tspec = SolverSpec.from_cfg(merged, tcfg["solver_name"], tcfg.get("order"))
     tsteps = steps_for_nfe(tcfg["solver_name"], int(tcfg["steps"]))
-    return tspec, baseline_times({**cfg, **tcfg}, model, tcfg["skip_type"], tsteps, int(tcfg["steps"]))
+    return tspec, baseline_times(merged, model, tcfg["skip_type"], tsteps, int(tcfg["steps"]))
 
 
 def teacher_images(cfg: dict, model: Model, z: Tensor, c: Any, uc: Any, batch: int, device: torch.device,
@@ -162,12 +196,12 @@ def compare_with_baselines(cfg: dict, model: Model, device: torch.device, learne
     grids = {"teacher": teacher[:10]}
     for name, (t, tp) in learned.items():
         im = images(model, spec, t, tp, z, c, uc, batch, device)
-        rows[name] = float(distance(im.to(device), teacher.to(device)).mean())
+        rows[name] = float(distance(im.to(device).float(), teacher.to(device).float()).mean())
         grids[name] = im[:10]
     for name in baseline_names(cfg, model):
         t = baseline_times(cfg, model, name, steps, int(cfg["steps"]))
         im = images(model, spec, t, None, z, c, uc, batch, device)
-        rows[name] = float(distance(im.to(device), teacher.to(device)).mean())
+        rows[name] = float(distance(im.to(device).float(), teacher.to(device).float()).mean())
         grids[name] = im[:10]
     lines = [f"| discretization | {cfg['solver_name']} NFE {cfg['steps']}: distance to teacher ({n} fresh noises) |",
              "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in sorted(rows.items(), key=lambda kv: kv[1])]

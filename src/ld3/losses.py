@@ -17,13 +17,15 @@ Distance = Callable[[Tensor, Tensor], Tensor]
 
 
 def l2_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Mean over pixels of the squared difference, one value per sample."""
-    return (a - b).pow(2).flatten(1).mean(1)
+    """Mean over pixels of the squared difference, one value per sample (the paper's sum / (C H W))."""
+    dims = tuple(range(1, a.ndim))
+    return (a - b).pow(2).sum(dim=dims) / a[0].numel()
 
 
 def l1_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Mean over pixels of the absolute difference, one value per sample."""
-    return (a - b).abs().flatten(1).mean(1)
+    """Mean over pixels of the absolute difference, one value per sample (the paper's sum / (C H W))."""
+    dims = tuple(range(1, a.ndim))
+    return (a - b).abs().sum(dim=dims) / a[0].numel()
 
 
 def _vgg_weights_file() -> Path:

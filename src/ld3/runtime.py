@@ -12,7 +12,7 @@ from torch import Tensor
 from ld3.config import UserError
 from ld3.io import pick_device, set_threads
 from models.base import Model
-from samplers.discretizations import SKIP_TYPES, get_discretization
+from samplers.discretizations import ALL_SKIP_TYPES, SKIP_TYPES, get_discretization
 from samplers.solvers import SOLVERS, get_solver, nfe_of, steps_for_nfe
 
 log = logging.getLogger("ld3")
@@ -35,8 +35,8 @@ def check_solver_options(cfg: dict, key_steps: str = "steps") -> int:
     if nfe < min_nfe:
         raise UserError(f"--{key_steps} {nfe} is too small for {name}: it needs at least {min_nfe} NFE")
     skip = cfg.get("skip_type")
-    if skip is not None and skip not in SKIP_TYPES and skip != "gits":
-        raise UserError(f"unknown skip_type {skip!r}; choose from {', '.join(list(SKIP_TYPES) + ['gits'])}")
+    if skip is not None and skip not in ALL_SKIP_TYPES:
+        raise UserError(f"unknown skip_type {skip!r}; choose from {', '.join(ALL_SKIP_TYPES)}")
     tm = cfg.get("time_mode")
     if tm not in (None, "auto") + TIME_MODES:
         raise UserError(f"unknown time_mode {tm!r}; choose lambda or time")
@@ -81,6 +81,10 @@ def gits_dataset(cfg: dict) -> str:
 def baseline_times(cfg: dict, model: Model, skip_type: str | None, steps: int, nfe: int) -> Tensor:
     if skip_type is None:
         raise UserError("--skip_type is required: edm, time_uniform, time_quadratic, logSNR or gits")
+    if cfg.get("arithmetic") == "paper" and skip_type in SKIP_TYPES:  # the paper's grids, in its float32
+        from samplers.paper import time_steps
+
+        return time_steps(skip_type, model.schedule, steps)
     try:
         return get_discretization(skip_type, model.schedule, steps, solver_name=cfg["solver_name"], nfe=nfe,
                                   dataset=gits_dataset(cfg) if skip_type == "gits" else "")

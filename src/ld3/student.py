@@ -11,7 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ld3.timing import Timed
 from models.base import Model
-from samplers.solvers import get_solver, solve
+from samplers.paper import PAPER_SOLVERS
+from samplers.solvers import Grid, get_solver, solve
 
 
 class CountingFn:
@@ -19,7 +20,7 @@ class CountingFn:
     times them (``clock``: forward and backward seconds), and with ``checkpointed`` recomputes
     each call's activations in the backward pass instead of storing them (``--low_gpu``)."""
 
-    def __init__(self, fn, checkpointed: bool = False, timed: bool = True):
+    def __init__(self, fn, checkpointed: bool = False, timed: bool = False):
         self.checkpointed = checkpointed
         self._timed = Timed(self._call, enabled=timed)
         self.fn = fn
@@ -43,40 +44,64 @@ class CountingFn:
 
 @dataclass
 class SolverSpec:
-    """A solver with its options: name, order, and per-solver options (unipc variant, lower_order_final)."""
+    """A solver with its options: name, order, the solver's declared options, and the arithmetic
+    (``fast``: ours; ``paper``: the paper code's float32 coefficients, ``samplers.paper``)."""
 
     name: str
     order: int | None = None
     options: dict = field(default_factory=dict)
+    arithmetic: str = "fast"
 
     @classmethod
     def from_cfg(cls, cfg: dict, name: str | None = None, order: int | None = None) -> "SolverSpec":
+        """Options read generically: each option the solver declares, from its config key when set."""
         name = name or cfg["solver_name"]
         info = get_solver(name)
         opts: dict[str, Any] = {}
-        if name == "uni_pc":
-            opts["variant"] = cfg.get("unipc_variant", "bh2")
-        if name in ("uni_pc", "dpm_solver++"):
-            opts["lower_order_final"] = bool(cfg.get("lower_order_final", True))
+        for opt in info.options:
+            v = cfg.get(opt.cfg_key)
+            if v is not None:
+                opts[opt.name] = opt.type(v) if opt.type is not bool else bool(v)
         o = order if order is not None else cfg.get("order")
-        return cls(name, info.default_order if o is None else int(o), opts)
+        arithmetic = str(cfg.get("arithmetic") or "fast")
+        return cls(name, info.default_order if o is None else int(o), opts, arithmetic)
+
+    @property
+    def paper(self) -> bool:
+        """Whether rollouts use the paper code's arithmetic (only for the solvers it has working)."""
+        return self.arithmetic == "paper" and self.name in PAPER_SOLVERS
 
 
 class Rollout:
-    """``rollout(z, t, t') -> decoded images``: prior, solver, decoder; counts network calls."""
+    """``rollout(z, grid) -> decoded images``: prior, solver, decoder; counts network calls.
 
-    def __init__(self, model: Model, spec: SolverSpec, low_gpu: bool = False):
+    ``grid = rollout.grid(t, t')`` holds the times and the solver's coefficients; every call with
+    the same grid (a training step and the check of its latent move, all validation batches, all
+    gen_data batches) computes them once.
+    """
+
+    def __init__(self, model: Model, spec: SolverSpec, low_gpu: bool = False, timed: bool = False):
         self.model, self.spec = model, spec
-        self.fn = CountingFn(model.noise_fn, checkpointed=low_gpu)
+        # The timer's backward hooks regroup the sums of gradients (float rounding): not in the paper's arithmetic.
+        self.fn = CountingFn(model.noise_fn, checkpointed=low_gpu, timed=timed and not spec.paper)
 
-    def latents(self, z: Tensor, t: Tensor, tp: Tensor | None = None, cond: Any = None, uc: Any = None,
-                plans: dict | None = None) -> Tensor:
+    def grid(self, t: Tensor, tp: Tensor | None = None, dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> Grid:
+        """The grid of a rollout from unit noise of ``dtype`` (the paper's arithmetic: float32 times)."""
+        return Grid(self.model.schedule, t, tp, dtype=torch.float32 if self.spec.paper else dtype,
+                    device=device if device is not None else t.device)
+
+    def latents(self, z: Tensor, grid: "Grid | Tensor | tuple", cond: Any = None, uc: Any = None) -> Tensor:
+        if not isinstance(grid, Grid):  # t, or (t, t')
+            t, tp = grid if isinstance(grid, tuple) else (grid, None)
+            grid = self.grid(t.to(z.device), None if tp is None else tp.to(z.device), dtype=z.dtype)
         x = self.model.schedule.prior(z)
-        return solve(self.spec.name, self.fn, self.model.schedule, x, t, tp, order=self.spec.order,
-                     cond=cond, uc=uc, plans=plans, **self.spec.options)
+        if self.spec.paper:
+            return PAPER_SOLVERS[self.spec.name](self.fn, self.model.schedule, x, grid.t_v, grid.tp_v,
+                                                 order=self.spec.order, cond=cond, uc=uc, **self.spec.options)
+        return solve(self.spec.name, self.fn, self.model.schedule, x, grid, order=self.spec.order, cond=cond,
+                     uc=uc, **self.spec.options)
 
-    def __call__(self, z: Tensor, t: Tensor, tp: Tensor | None = None, cond: Any = None, uc: Any = None,
-                 plans: dict | None = None) -> Tensor:
-        """Images from unit noise ``z``. ``plans``: a dict shared by calls on the same (t, t'), in which
-        the solver keeps its coefficients (computed by the first call, reused by the others)."""
-        return self.model.decode(self.latents(z, t, tp, cond, uc, plans))
+    def __call__(self, z: Tensor, grid: "Grid | Tensor | tuple", cond: Any = None, uc: Any = None) -> Tensor:
+        """Images from unit noise ``z`` along ``grid`` (see :meth:`grid`; or times t, or a pair (t, t'))."""
+        return self.model.decode(self.latents(z, grid, cond, uc))

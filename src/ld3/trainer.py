@@ -5,14 +5,33 @@ ball ||z' - z|| <= r around its teacher noise z, and the loss is mean_n d(studen
 After each gradient step of the times, z' takes one SGD step (lr ``shift_lr``), is projected
 back onto the ball, and the move is kept only for samples whose loss went down.
 
-Phase 1 learns params1 (RMSprop), phase 2 params1 and params2 (SGD); validation after every
-``valid_every`` optimizer steps; on ``patient`` checks without improvement the best state is
-reloaded and both learning rates decay; training stops when the phase-2 rate has hit its floor
-``lr2_patient`` times, or after the last round.
+The loop follows the paper's code (``trainer.py``), step for step:
+
+    round r (phase 1 for the first ``rounds_v1`` rounds, then phase 2):
+        r > 0: reload the best parameters (not the latents); examine
+        r = 0: examine                                           (the initial validation)
+        train pass, in a random order:  per batch
+            loss, backward; time step(s) with gradient clipping 1; step += 1
+            every ``valid_every`` steps: examine; stop if the phase-2 rate hit its floor lr2_patient times
+            latent move of the batch (SGD step, projection, kept where the loss went down)
+        validation pass (when the ball has a radius): move the validation latents
+        no validation latent moved: shift_lr *= shift_lr_decay
+    examine = validate; a better loss becomes the best state; ``patient`` checks without improvement
+        reload the best state and decay the learning rates (phase 1: lr_time_1 only; phase 2: both)
+
+Where we depart from the paper's code on purpose, ``TrainConfig`` has a switch (``paper_config``
+gives the paper's values; README, "Departures from the paper's code", has the measured effects):
+``valid_every``, ``eval_on_one``, ``latent_step``, ``latent_check``, ``reload_latents``,
+``paper_average``. The random order is drawn as the paper's DataLoaders draw it, from
+``rng`` (the global generator under ``--paper_compat``, as the paper; a private one seeded by
+``--seed`` otherwise).
+
+All that changes during a run is one ``TrainState``, which is also the resume file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,12 +51,13 @@ from ld3.timing import Timed
 
 log = logging.getLogger("ld3")
 
-Student = Callable[..., Tensor]  # (z', t, t', c, uc, plans=dict) -> image; see ld3.student.Rollout
 Distance = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
 class TrainConfig:
+    """The hyper-parameters (resolved as main.py does) and the departure switches."""
+
     rounds_v1: int = 2
     rounds_v2: int = 5
     no_v1: bool = False
@@ -55,8 +75,60 @@ class TrainConfig:
     shift_lr_decay: float = 0.5
     train_batch_size: int = 1
     valid_batch_size: int = 10
-    valid_every: int = 1
-    seed: int = 0
+    # departures from the paper's code (ours / the paper's)
+    valid_every: int = 10  # validate every k optimizer steps / after every step (1)
+    eval_on_one: bool = False  # the paper validates on the first validation batch until the first patience event
+    latent_step: str = "sample"  # z' step on each sample's own loss / on the batch-mean loss ("mean")
+    latent_check: str = "same_times"  # a move is checked under the times that gave its gradient / the new ones
+    reload_latents: bool = False  # a patience reload also restores the validation latents of the best state
+    paper_average: bool = False  # validation loss = mean over samples / mean of the batch means
+
+    @property
+    def phases(self) -> list[int]:
+        """The phase of each round: the two phases described as data (with ``no_v1`` too: the paper's
+        code then trains params2 alone in every round, and phase 1 still decays lr_time_1 only)."""
+        return [1] * self.rounds_v1 + [2] * self.rounds_v2
+
+
+PAPER_SWITCHES = {"valid_every": 1, "eval_on_one": True, "latent_step": "mean", "latent_check": "new_times",
+                  "reload_latents": True, "paper_average": True}
+"""The paper's values of ``TrainConfig``'s departure switches."""
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during a run; ``torch.save(dataclasses.asdict(state))`` is the resume file."""
+
+    params1: Tensor
+    params2: Tensor
+    zp_train: Tensor  # the training samples' moved latents z'
+    zp_valid: Tensor  # the validation samples' moved latents
+    opt1: dict = field(default_factory=dict)
+    opt2: dict = field(default_factory=dict)
+    rng: Tensor | None = None  # state of the generator of the data order
+    # With reload_latents, the latents of the paper's datasets (``self.train_data`` / ``valid_data``): set at
+    # the end of each pass, restored from the best state by a patience reload; validation reads data_valid,
+    # and each train pass starts from data_train (each validation pass from data_valid).
+    data_train: Tensor | None = None
+    data_valid: Tensor | None = None
+    # The paper's training set is rebuilt after each pass in the order that pass visited it, and the next
+    # pass shuffles that order: the visit order is train_order[randperm], which becomes the new train_order.
+    train_order: list = field(default_factory=list)
+    step: int = 0
+    round: int = 0  # rounds finished
+    shift_lr: float = 1.0
+    lr1: float = 0.0
+    lr2: float = 0.0
+    best_loss: float = math.inf
+    best: dict | None = None  # params1, params2 (and data_train, data_valid) of the best check
+    best_v1: dict | None = None  # checkpoint (paper format) of the best check of phase 1
+    best_v1_loss: float | None = None
+    count_worse: int = 0
+    floor_hits: int = 0
+    eval_on_one: bool = False
+    stopped: bool = False
+    history: list = field(default_factory=list)
+    nfe: dict = field(default_factory=lambda: {"train": 0, "latent_moves": 0, "validation": 0})
 
 
 @dataclass
@@ -73,9 +145,20 @@ class NumericalError(Exception):
     pass
 
 
-def _batches(n: int, bs: int, order: list[int] | None = None) -> list[list[int]]:
-    idx = order if order is not None else list(range(n))
-    return [idx[i:i + bs] for i in range(0, n, bs)]
+def _draw(gen: torch.Generator) -> int:
+    """One draw as a DataLoader iterator (or a RandomSampler) makes it: an int64 from ``gen``."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=gen).item())
+
+
+def paper_permutation(gen: torch.Generator, n: int) -> list[int]:
+    """The order of one pass of ``DataLoader(shuffle=True)`` (generator None) drawing from ``gen``: its
+    iterator draws its base seed, its RandomSampler a seed for its own generator, then randperm."""
+    _draw(gen)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_draw(gen))).tolist()
+
+
+def _batches(idx: list[int], bs: int) -> list[list[int]]:
+    return [idx[i:i + bs] for i in range(0, len(idx), bs)]
 
 
 def _selector(idx: list[int]) -> slice | Tensor:
@@ -86,56 +169,63 @@ def _selector(idx: list[int]) -> slice | Tensor:
     return torch.tensor(idx)
 
 
-def _clip_grad_norm_(p: Tensor, max_norm: float) -> None:
+def clip_grad_norm_(p: Tensor, max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_([p], max_norm)`` for one tensor (same result), without the
     grouping and bookkeeping of the general function, which cost more than the arithmetic here."""
     if p.grad is not None:
-        p.grad.mul_(min(max_norm / (float(torch.linalg.vector_norm(p.grad)) + 1e-6), 1.0))
+        p.grad.mul_(torch.clamp(max_norm / (torch.linalg.vector_norm(p.grad) + 1e-6), max=1.0))
 
 
-def _project(zp: Tensor, z: Tensor, r: float) -> Tensor:
-    """Project each row of z' onto the ball ||z' - z|| <= r (renorm: rows longer than r scaled to r)."""
-    return z + torch.renorm(zp - z, p=2, dim=0, maxnorm=r)
+def project(zp: Tensor, z: Tensor, r: float) -> Tensor:
+    """Each row of z' moved onto the ball ||z' - z|| <= r where it lies outside: z + r (z' - z) / ||z' - z||."""
+    flat, z0 = zp.reshape(zp.shape[0], -1), z.reshape(z.shape[0], -1)
+    diff = flat - z0
+    norm = diff.norm(dim=1, keepdim=True)
+    out = torch.where(norm > r, z0 + r * diff / norm, flat)
+    return out.reshape(zp.shape)
 
 
 class LD3Trainer:
-    """Trains a ``LearnedDiscretization`` against teacher images. Takes tensors and callables."""
+    """Trains a ``LearnedDiscretization`` against teacher images. Takes tensors and callables.
 
-    def __init__(self, disc: LearnedDiscretization, student: Student, distance: Distance, train: SampleSet,
+    ``student(z', grid, c, uc) -> images`` and ``student.grid(t, t')`` (``ld3.student.Rollout``);
+    ``distance(images, teacher) -> one value per sample``.
+    """
+
+    def __init__(self, disc: LearnedDiscretization, student, distance: Distance, train: SampleSet,
                  valid: SampleSet, cfg: TrainConfig, device: torch.device | None = None,
-                 on_phase_end: Callable[[int, "LD3Trainer"], None] | None = None,
+                 rng: torch.Generator | None = None, seed: int = 0,
+                 on_improve: Callable[["LD3Trainer"], None] | None = None,
                  count_calls: Callable[[], int] | None = None):
+        for k in ("train_batch_size", "valid_batch_size", "valid_every", "patient"):
+            if getattr(cfg, k) < 1:
+                raise UserError(f"{k} must be >= 1, got {getattr(cfg, k)}")
         self.disc, self.student, self.cfg = disc, student, cfg
         self.distance = Timed(distance)  # loss time, forward and backward
         self.device = device or torch.device("cpu")
         self.train, self.valid = train, valid
-        self.on_phase_end = on_phase_end
+        self.on_improve = on_improve
         self.count_calls = count_calls or (lambda: 0)
-        self.z_train = train.latent.to(self.device)
-        self.z_valid = valid.latent.to(self.device)
-        self.zp_train = self.z_train.clone()
-        self.zp_valid = self.z_valid.clone()
-        self.img_train = train.img.to(self.device)
-        self.img_valid = valid.img.to(self.device)
+        self.z_train, self.z_valid = train.latent.to(self.device), valid.latent.to(self.device)
+        self.img_train, self.img_valid = train.img.to(self.device), valid.img.to(self.device)
         self.opt1 = torch.optim.RMSprop([disc.params1], lr=cfg.lr_time_1, momentum=cfg.momentum_time_1,
                                         weight_decay=cfg.weight_decay_time_1)
         self.opt2 = torch.optim.SGD([disc.params2], lr=cfg.lr_time_2)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.shift_lr = cfg.shift_lr
-        self.history: list[dict] = []
-        self.nfe = {"train": 0, "latent_moves": 0, "validation": 0}
-        self.step = 0
-        self.best_loss = math.inf
-        self.best_state = self._params_state()
-        self.best_v1_loss: float | None = None
-        self.best_v1: dict | None = None
-        self.bad_checks = 0
-        self.floor_hits = 0
-        self.stop = False
-        self.phase = 1
-        self.round = 0  # rounds finished overall
+        self.rng = rng if rng is not None else torch.Generator().manual_seed(int(seed))
+        self.private_rng = rng is None
+        self.state = TrainState(disc.params1.detach().clone(), disc.params2.detach().clone(),
+                                self.z_train.clone(), self.z_valid.clone(), shift_lr=cfg.shift_lr,
+                                lr1=cfg.lr_time_1, lr2=cfg.lr_time_2, eval_on_one=cfg.eval_on_one)
+        self.state.train_order = list(range(len(train)))
+        if cfg.reload_latents:
+            self.state.data_train, self.state.data_valid = self.z_train.clone(), self.z_valid.clone()
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def phase(self) -> int:
+        phases = self.cfg.phases
+        return phases[min(self.state.round, len(phases) - 1)] if phases else 1
+
     def _cond(self, sset: SampleSet, idx: list[int], sel: slice | Tensor) -> tuple[Any, Any]:
         def pick(v):
             if v is None:
@@ -146,237 +236,278 @@ class LD3Trainer:
 
         return pick(sset.c), pick(sset.uc)
 
-    def _params_state(self) -> dict:
-        return {"params1": self.disc.params1.detach().clone(), "params2": self.disc.params2.detach().clone()}
+    def _snapshot(self) -> dict:
+        s = self.state
+        snap = {"params1": self.disc.params1.detach().clone(), "params2": self.disc.params2.detach().clone()}
+        if self.cfg.reload_latents:
+            snap.update(data_train=s.data_train.clone(), data_valid=s.data_valid.clone(), train_order=list(s.train_order))
+        return snap
 
-    def load_params(self, state: dict) -> None:
+    def load_params(self, snap: dict) -> None:
         with torch.no_grad():
-            self.disc.params1.copy_(state["params1"])
-            self.disc.params2.copy_(state["params2"])
+            self.disc.params1.copy_(snap["params1"])
+            self.disc.params2.copy_(snap["params2"])
 
-    def _losses(self, zp: Tensor, img: Tensor, cond: Any, uc: Any, t: Tensor, tp: Tensor,
-                plans: dict | None = None) -> Tensor:
+    def _grid(self, z: Tensor, t: Tensor, tp: Tensor):
+        return self.student.grid(t, tp, dtype=z.dtype, device=self.device)
+
+    def _losses(self, zp: Tensor, img: Tensor, cond: Any, uc: Any, grid, key: str) -> Tensor:
+        """Per-sample distances of the student's images from ``zp`` to ``img``; counts the evaluations."""
         c0 = self.count_calls()
-        out = self.distance(self.student(zp, t, tp, cond, uc, plans=plans), img)
-        self._last_calls = self.count_calls() - c0
+        out = self.distance(self.student(zp, grid, cond, uc).float(), img.float())
+        self.state.nfe[key] += (self.count_calls() - c0) * zp.shape[0]
         return out
 
     def _check_finite(self, value: float, what: str) -> None:
         """``value``: a sum or mean of the step's losses, already read back (one NaN or infinity in the
         losses makes it non-finite; the losses come from t and t', so a bad time shows too)."""
         if not math.isfinite(value):
-            raise NumericalError(f"{what} became NaN or infinite at optimizer step {self.step} "
+            raise NumericalError(f"{what} became NaN or infinite at optimizer step {self.state.step} "
                                  f"(phase {self.phase}); the best checkpoint is kept. Try a smaller "
                                  "--lr_time_1 / --lr_time_2, or --shift_lr")
 
-    def _move_latents(self, zp: Tensor, z: Tensor, grad: Tensor, old: Tensor, img: Tensor, cond: Any, uc: Any,
-                      t: Tensor, tp: Tensor, key: str, plans: dict) -> tuple[Tensor, int]:
-        """One SGD step of z', projected on the ball; kept only where the loss went down."""
-        if self.cfg.bound <= 0 or self.shift_lr <= 0:
-            return zp, 0
-        cand = _project(zp - self.shift_lr * grad, z, self.cfg.bound)
-        with torch.no_grad():
-            new = self._losses(cand, img, cond, uc, t.detach(), tp.detach(), plans)
-        self.nfe[key] += self._last_calls * zp.shape[0]
-        keep = (new < old).reshape(-1, *([1] * (zp.ndim - 1)))
-        return torch.where(keep, cand, zp), int(keep.sum())
+    def _latent_step(self, zp: Tensor, z: Tensor, grad: Tensor) -> Tensor:
+        """One SGD step of z' (on the batch-mean loss, or on each sample's own), projected onto the ball."""
+        g = grad if self.cfg.latent_step == "mean" else grad * zp.shape[0]
+        return project(torch.add(zp, g, alpha=-self.state.shift_lr), z, self.cfg.bound)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> float:
+        """Validation loss at the current times, on the (moved) validation latents.
+
+        Draws one number from the order generator, as the paper's validation loader does."""
+        s, cfg = self.state, self.cfg
+        _draw(self.rng)
+        zv = s.data_valid if s.data_valid is not None else s.zp_valid
         t, tp = self.disc()
-        total, n, plans = 0.0, len(self.valid), {}
-        for idx in _batches(n, self.cfg.valid_batch_size):
+        grid = self._grid(zv, t, tp)
+        batches = _batches(list(range(len(self.valid))), cfg.valid_batch_size)
+        if s.eval_on_one:
+            batches = batches[:1]
+        total, n = 0.0, 0
+        for idx in batches:
             sel = _selector(idx)
             c, uc = self._cond(self.valid, idx, sel)
-            loss = self._losses(self.zp_valid[sel], self.img_valid[sel], c, uc, t, tp, plans)
-            self.nfe["validation"] += self._last_calls * len(idx)
-            total += float(loss.sum())
+            loss = self._losses(zv[sel], self.img_valid[sel], c, uc, grid, "validation")
+            total += float(loss.mean()) if cfg.paper_average else float(loss.sum())
+            n += 1 if cfg.paper_average else len(idx)
             self._check_finite(total, "the validation loss")
         return total / n
 
+    def examine(self) -> dict:
+        """Validate and act on it: a new best, or one more check without improvement (and, after
+        ``patient`` of them, reload the best state and decay the learning rates)."""
+        s, cfg = self.state, self.cfg
+        val = self.validate()
+        rec = {"step": s.step, "phase": self.phase, "round": s.round, "valid_loss": val}
+        if val < s.best_loss:
+            s.best_loss, s.count_worse, s.best = val, 0, self._snapshot()
+            if self.phase == 1:
+                s.best_v1, s.best_v1_loss = checkpoint_dict(self.disc), val
+            if self.on_improve is not None:
+                self.on_improve(self)
+        else:
+            s.count_worse += 1
+        if s.count_worse >= cfg.patient:
+            rec["reload"] = True
+            self.load_params(s.best)
+            if cfg.reload_latents:
+                s.data_train, s.data_valid = s.best["data_train"].clone(), s.best["data_valid"].clone()
+                s.train_order = list(s.best["train_order"])
+            s.count_worse = 0
+            if s.eval_on_one:  # the paper's first patience event: validate on the whole set from now on
+                s.eval_on_one = False
+                s.best_loss = rec["revalidation"] = self.validate()
+            else:
+                self._decay()
+        rec["best_valid"] = s.best_loss
+        return rec
+
+    def _decay(self) -> None:
+        s, cfg = self.state, self.cfg
+        s.lr1 = max(s.lr1 * cfg.lr_time_decay, cfg.min_lr_time_1)
+        if self.phase == 2:  # phase 1 decays lr_time_1 only (as the paper's code)
+            s.lr2 = max(s.lr2 * cfg.lr_time_decay, cfg.min_lr_time_2)
+            if s.lr2 <= cfg.min_lr_time_2:
+                s.floor_hits += 1
+                if s.floor_hits >= cfg.lr2_patient:
+                    log.info("phase-2 learning rate at its floor %d times: stopping", s.floor_hits)
+                    s.stopped = True
+        self._set_lrs()
+
+    def _set_lrs(self) -> None:
+        self.opt1.param_groups[0]["lr"] = self.state.lr1
+        self.opt2.param_groups[0]["lr"] = self.state.lr2
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, idx: list[int]) -> dict:
+        """One batch: loss, backward, time step, maybe a check, the latent move. Returns its record."""
+        s, cfg, disc = self.state, self.cfg, self.disc
+        sel = _selector(idx)
+        c, uc = self._cond(self.train, idx, sel)
+        zp = s.zp_train[sel].clone().requires_grad_(True)
+        t, tp = disc()
+        grid = self._grid(zp, t, tp)
+        losses = self._losses(zp, self.img_train[sel], c, uc, grid, "train")
+        loss = losses.mean()
+        train_loss = float(loss.detach())
+        self._check_finite(train_loss, "the training loss")
+        disc.params1.grad = disc.params2.grad = None  # zero_grad(set_to_none=True)
+        loss.backward()
+        cand = self._latent_step(zp.detach(), self.z_train[sel], zp.grad)
+        before = losses.detach()
+        new = None
+        if cfg.latent_check == "same_times":  # the times that gave the gradient; their grid is reused
+            with torch.no_grad():
+                new = self._losses(cand, self.img_train[sel], c, uc, grid, "latent_moves")
+        learn1, learn2 = disc.params1.requires_grad, disc.params2.requires_grad
+        if learn1:
+            clip_grad_norm_(disc.params1, 1.0)
+            self.opt1.step()
+        if learn2:
+            clip_grad_norm_(disc.params2, 1.0)
+            self.opt2.step()
+        s.step += 1
+        rec = {"step": s.step, "phase": self.phase, "round": s.round + 1, "train_loss": train_loss,
+               "lr1": s.lr1, "lr2": s.lr2}
+        if s.step % cfg.valid_every == 0:
+            rec.update({k: v for k, v in self.examine().items()
+                        if k in ("valid_loss", "best_valid", "reload", "revalidation")})
+            if s.stopped:
+                return rec
+        if new is None:  # the paper's order: the move is checked under the times after the step (and check)
+            with torch.no_grad():
+                t, tp = disc()
+                new = self._losses(cand, self.img_train[sel], c, uc, self._grid(cand, t, tp), "latent_moves")
+        keep = (new < before).reshape(-1, *([1] * (cand.ndim - 1)))
+        s.zp_train[sel] = torch.where(keep, cand, zp.detach())
+        rec["moved"] = int(keep.sum())
+        return rec
+
     def move_valid_latents(self) -> int:
-        """One pass over the validation set moving its z' (times untouched)."""
-        moved, plans = 0, {}
+        """One pass over the validation set moving its z' (times untouched); returns how many moved.
+
+        Batches of the training batch size when z' steps on the batch-mean loss (the paper's
+        validation-latent loader), else of the validation batch size (then the batch does not matter).
+        """
+        s, cfg = self.state, self.cfg
+        _draw(self.rng)
+        bs = cfg.train_batch_size if cfg.latent_step == "mean" else cfg.valid_batch_size
         with torch.no_grad():
             t, tp = self.disc()
-        for idx in _batches(len(self.valid), self.cfg.valid_batch_size):
+        grid = self._grid(s.zp_valid, t, tp)
+        moved = 0
+        for idx in _batches(list(range(len(self.valid))), bs):
             sel = _selector(idx)
             c, uc = self._cond(self.valid, idx, sel)
-            zp = self.zp_valid[sel].clone().requires_grad_(True)
+            zp = s.zp_valid[sel].clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = self._losses(zp, self.img_valid[sel], c, uc, t, tp, plans)
-                grad, = torch.autograd.grad(loss.sum(), zp)
-            self.nfe["latent_moves"] += self._last_calls * len(idx)
-            new, k = self._move_latents(zp.detach(), self.z_valid[sel], grad, loss.detach(), self.img_valid[sel],
-                                        c, uc, t, tp, "latent_moves", plans)
-            self.zp_valid[sel] = new
-            moved += k
+                losses = self._losses(zp, self.img_valid[sel], c, uc, grid, "latent_moves")
+                grad, = torch.autograd.grad(losses.mean(), zp)
+            cand = self._latent_step(zp.detach(), self.z_valid[sel], grad)
+            with torch.no_grad():
+                new = self._losses(cand, self.img_valid[sel], c, uc, grid, "latent_moves")
+            keep = (new < losses.detach()).reshape(-1, *([1] * (cand.ndim - 1)))
+            s.zp_valid[sel] = torch.where(keep, cand, zp.detach())
+            moved += int(keep.sum())
+        if s.data_valid is not None:
+            s.data_valid = s.zp_valid.clone()
         return moved
 
-    def _after_check(self, val: float) -> None:
-        cfg = self.cfg
-        if val < self.best_loss:
-            self.best_loss = val
-            self.best_state = self._params_state()
-            self.bad_checks = 0
-            return
-        self.bad_checks += 1
-        if self.bad_checks < cfg.patient:
-            return
-        self.bad_checks = 0
-        self.load_params(self.best_state)
-        decay = [(self.opt1, cfg.min_lr_time_1)] + ([(self.opt2, cfg.min_lr_time_2)] if self.phase == 2 else [])
-        for opt, floor in decay:  # phase 1 decays only lr_time_1 (as the paper's code)
-            for g in opt.param_groups:
-                g["lr"] = max(g["lr"] * cfg.lr_time_decay, floor)
-        if self.phase == 2 and self.opt2.param_groups[0]["lr"] <= cfg.min_lr_time_2:
-            self.floor_hits += 1
-            if self.floor_hits >= cfg.lr2_patient:
-                log.info("phase-2 learning rate at its floor %d times: stopping", self.floor_hits)
-                self.stop = True
-
-    # ------------------------------------------------------------------ one round
+    # ------------------------------------------------------------------ rounds
     def train_round(self, pbar: tqdm | None = None) -> None:
-        cfg = self.cfg
-        learn1 = self.phase == 1 or not cfg.no_v1
-        learn2 = self.phase == 2
-        self.disc.params1.requires_grad_(learn1)
-        self.disc.params2.requires_grad_(learn2)
-        order = torch.randperm(len(self.train), generator=self.gen).tolist()
-        for idx in _batches(len(self.train), cfg.train_batch_size, order):
-            if self.stop:
-                break
-            sel = _selector(idx)
-            c, uc = self._cond(self.train, idx, sel)
-            zp = self.zp_train[sel].clone().requires_grad_(True)
-            t, tp = self.disc()
-            plans: dict = {}  # the solver's coefficients for (t, t'), shared with the latent move's check
-            loss_vec = self._losses(zp, self.img_train[sel], c, uc, t, tp, plans)
-            self.nfe["train"] += self._last_calls * len(idx)
-            train_loss = float(loss_vec.detach().mean())
-            self._check_finite(train_loss, "the training loss")
-            self.disc.params1.grad = self.disc.params2.grad = None  # zero_grad(set_to_none=True), cheaper
-            loss_vec.mean().backward()
-            # latent move under the times that produced the gradient
-            grad = zp.grad if len(idx) == 1 else zp.grad * len(idx)  # of each sample's own loss
-            new, _ = self._move_latents(zp.detach(), self.z_train[sel], grad, loss_vec.detach(),
-                                        self.img_train[sel], c, uc, t.detach(), tp.detach(), "latent_moves",
-                                        plans)
-            self.zp_train[sel] = new
-            if learn1:
-                _clip_grad_norm_(self.disc.params1, 1.0)
-                self.opt1.step()
-            if learn2:
-                _clip_grad_norm_(self.disc.params2, 1.0)
-                self.opt2.step()
-            self.step += 1
-            rec = {"step": self.step, "phase": self.phase, "round": self.round + 1,
-                   "train_loss": train_loss, "lr1": self.opt1.param_groups[0]["lr"],
-                   "lr2": self.opt2.param_groups[0]["lr"]}
-            if self.step % cfg.valid_every == 0:
-                val = self.validate()
-                rec["valid_loss"] = val
-                self._after_check(val)
-                rec["best_valid"] = self.best_loss
-            self.history.append(rec)
+        s, cfg, disc = self.state, self.cfg, self.disc
+        phase = self.phase
+        disc.params1.requires_grad_(not cfg.no_v1)  # --no_v1: params2 alone, in every round (as the paper)
+        disc.params2.requires_grad_(phase == 2 or cfg.no_v1)
+        if s.round > 0:  # each round starts from the best state (its parameters; the latents stay)
+            self.load_params(s.best)
+            s.count_worse = 0
+        s.history.append(self.examine())
+        if s.data_train is not None:  # the passes run over the datasets as they are now
+            s.zp_train, s.zp_valid = s.data_train.clone(), s.data_valid.clone()
+        order = [s.train_order[j] for j in paper_permutation(self.rng, len(self.train))]
+        for idx in _batches(order, cfg.train_batch_size):
+            rec = self.train_step(idx)
+            s.history.append(rec)
             if pbar is not None:
                 pbar.update(1)
-                # refresh=False: redrawn at tqdm's own pace (10/s), not after every step
-                pbar.set_postfix(phase=self.phase, loss=f"{rec['train_loss']:.4g}", best=f"{self.best_loss:.4g}",
+                pbar.set_postfix(phase=phase, loss=f"{rec['train_loss']:.4g}", best=f"{s.best_loss:.4g}",
                                  refresh=False)
-        moved = self.move_valid_latents()
+            if s.stopped:
+                return
+        if cfg.bound > 0:  # the paper rebuilds its training set (in visit order) only when latents move
+            s.train_order = order
+            if s.data_train is not None:
+                s.data_train = s.zp_train.clone()
+        moved = self.move_valid_latents() if cfg.bound > 0 else None
+        s.round += 1
         if moved == 0:
-            self.shift_lr *= cfg.shift_lr_decay
-        self.round += 1
-        log.info("phase %d round %d: best validation %.6g, %d validation latents moved, shift_lr %.4g",
-                 self.phase, self.round, self.best_loss, moved, self.shift_lr)
-
-    # ------------------------------------------------------------------ whole run
-    def plan(self) -> list[int]:
-        """Phase of each round."""
-        v1 = 0 if self.cfg.no_v1 else self.cfg.rounds_v1
-        return [1] * v1 + [2] * self.cfg.rounds_v2
+            s.shift_lr *= cfg.shift_lr_decay
+        log.info("phase %d round %d: best validation %.6g, %s validation latents moved, shift_lr %.4g",
+                 phase, s.round, s.best_loss, "no" if moved is None else moved, s.shift_lr)
 
     def run(self, save_state: Callable[["LD3Trainer"], None] | None = None) -> TrainResult:
-        plan = self.plan()
-        if self.round == 0 and self.step == 0:
-            self.phase = plan[0] if plan else 1
-            self.best_loss = self.validate()
-            self.best_state = self._params_state()
-            self.history.append({"step": 0, "phase": 0, "valid_loss": self.best_loss, "best_valid": self.best_loss})
-            log.info("initial validation loss %.6g", self.best_loss)
-        steps_per_round = math.ceil(len(self.train) / self.cfg.train_batch_size)
-        with tqdm(total=steps_per_round * len(plan), initial=self.step, desc="LD3", unit="step",
-                  dynamic_ncols=True, disable=None) as pbar:
-            while self.round < len(plan) and not self.stop:
-                phase = plan[self.round]
-                if phase != self.phase:
-                    self._end_phase()
-                    self.phase = phase
-                self.load_params(self.best_state)
-                if self.round > 0:  # validation latents moved last round: re-examine the best state
-                    val = self.validate()
-                    self._after_check(val)
-                    self.history.append({"step": self.step, "phase": self.phase, "valid_loss": val,
-                                         "best_valid": self.best_loss})
+        """All rounds (from where a resumed state stopped); leaves the best parameters loaded."""
+        s, cfg = self.state, self.cfg
+        steps_per_round = math.ceil(len(self.train) / cfg.train_batch_size)
+        self._set_lrs()
+        with tqdm(total=steps_per_round * len(cfg.phases), initial=min(s.step, steps_per_round * len(cfg.phases)),
+                  desc="LD3", unit="step", dynamic_ncols=True, disable=None) as pbar:
+            while s.round < len(cfg.phases) and not s.stopped:
                 self.train_round(pbar)
                 if save_state is not None:
                     save_state(self)
-        self._end_phase()
-        self.load_params(self.best_state)
-        return TrainResult(self.best_loss, self.best_v1_loss, self.step, self.history, dict(self.nfe), self.stop)
-
-    def _end_phase(self) -> None:
-        if self.phase == 1 and self.best_v1 is None and self.round > 0:
-            self.load_params(self.best_state)
-            self.best_v1 = checkpoint_dict(self.disc)
-            self.best_v1_loss = self.best_loss
-        if self.on_phase_end is not None:
-            self.load_params(self.best_state)
-            self.on_phase_end(self.phase, self)
+        if s.best is not None:
+            self.load_params(s.best)
+        return TrainResult(s.best_loss, s.best_v1_loss, s.step, s.history, dict(s.nfe), s.stopped)
 
     # ------------------------------------------------------------------ state (resume)
     def state_dict(self) -> dict:
-        return {"disc": {k: v.clone() for k, v in self.disc.state_dict().items()},
-                "opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
-                "zp_train": self.zp_train.cpu(), "zp_valid": self.zp_valid.cpu(),
-                "gen": self.gen.get_state(), "shift_lr": self.shift_lr, "step": self.step,
-                "best_loss": self.best_loss, "best_state": self.best_state, "best_v1_loss": self.best_v1_loss,
-                "best_v1": self.best_v1, "bad_checks": self.bad_checks, "floor_hits": self.floor_hits,
-                "stop": self.stop, "phase": self.phase, "round": self.round, "nfe": dict(self.nfe),
-                "history": json.dumps(self.history)}
+        s = self.state
+        s.params1, s.params2 = self.disc.params1.detach().clone(), self.disc.params2.detach().clone()
+        s.opt1, s.opt2 = self.opt1.state_dict(), self.opt2.state_dict()
+        s.rng = self.rng.get_state()
+        d = dataclasses.asdict(s)
+        d["history"] = json.dumps(s.history)
+        return d
 
-    def load_state_dict(self, s: dict) -> None:
-        self.disc.load_state_dict(s["disc"])
-        self.opt1.load_state_dict(s["opt1"])
-        self.opt2.load_state_dict(s["opt2"])
-        self.zp_train = s["zp_train"].to(self.device)
-        self.zp_valid = s["zp_valid"].to(self.device)
-        self.gen.set_state(s["gen"])
-        for k in ("shift_lr", "step", "best_loss", "best_state", "best_v1_loss", "best_v1", "bad_checks",
-                  "floor_hits", "stop", "phase", "round"):
-            setattr(self, k, s[k])
-        self.nfe = dict(s["nfe"])
-        self.history = json.loads(s["history"])
+    def load_state_dict(self, d: dict) -> None:
+        names = {f.name for f in dataclasses.fields(TrainState)}
+        if set(d) != names:
+            raise UserError(f"the saved state has keys {sorted(set(d) ^ names)} that this version does not "
+                            "know or misses; start the run again without --resume")
+        d = dict(d, history=json.loads(d["history"]))
+        self.state = TrainState(**d)
+        s = self.state
+        for k in ("zp_train", "zp_valid", "data_train", "data_valid"):
+            if getattr(s, k) is not None:
+                setattr(s, k, getattr(s, k).to(self.device))
+        self.load_params({"params1": s.params1, "params2": s.params2})
+        self.opt1.load_state_dict(s.opt1)
+        self.opt2.load_state_dict(s.opt2)
+        self.rng.set_state(s.rng)
+        self._set_lrs()
 
 
 def save_history(history: list[dict], path: Path) -> None:
     atomic_write_text(path, json.dumps(history, indent=0))
 
 
-def train_config_from(cfg: dict, steps: int, bound: float, shift_lr: float, lr_time_2: float) -> TrainConfig:
-    for k in ("main_train_batch_size", "main_valid_batch_size", "valid_every", "patient"):
-        if int(cfg[k]) < 1:
-            raise UserError(f"{k} must be >= 1, got {cfg[k]}")
-    return TrainConfig(
-        rounds_v1=int(cfg["training_rounds_v1"]), rounds_v2=int(cfg["training_rounds_v2"]), no_v1=bool(cfg["no_v1"]),
-        lr_time_1=float(cfg["lr_time_1"]), lr_time_2=lr_time_2, momentum_time_1=float(cfg["momentum_time_1"]),
-        weight_decay_time_1=float(cfg["weight_decay_time_1"]), min_lr_time_1=float(cfg["min_lr_time_1"]),
-        min_lr_time_2=float(cfg["min_lr_time_2"]), lr_time_decay=float(cfg["lr_time_decay"]),
-        patient=int(cfg["patient"]), lr2_patient=int(cfg["lr2_patient"]), bound=bound, shift_lr=shift_lr,
-        shift_lr_decay=float(cfg["shift_lr_decay"]), train_batch_size=int(cfg["main_train_batch_size"]),
-        valid_batch_size=int(cfg["main_valid_batch_size"]), valid_every=int(cfg["valid_every"]), seed=int(cfg["seed"]))
+def train_config_from(cfg: dict, bound: float, shift_lr: float, lr_time_2: float) -> TrainConfig:
+    """``TrainConfig`` from resolved options: every field of the same name, plus the derived values."""
+    names = {"training_rounds_v1": "rounds_v1", "training_rounds_v2": "rounds_v2",
+             "main_train_batch_size": "train_batch_size", "main_valid_batch_size": "valid_batch_size"}
+    kw: dict[str, Any] = {"bound": bound, "shift_lr": shift_lr, "lr_time_2": lr_time_2,
+                          "paper_average": cfg.get("arithmetic") == "paper"}
+    for f in dataclasses.fields(TrainConfig):
+        key = next((k for k, v in names.items() if v == f.name), f.name)
+        if f.name in kw or key not in cfg or cfg[key] is None:
+            continue
+        kw[f.name] = type(f.default)(cfg[key]) if not isinstance(f.default, bool) else bool(cfg[key])
+    return TrainConfig(**kw)
 
 
-__all__ = ["LD3Trainer", "TrainConfig", "TrainResult", "NumericalError", "train_config_from", "save_history"]
+__all__ = ["LD3Trainer", "TrainConfig", "TrainState", "TrainResult", "NumericalError", "PAPER_SWITCHES",
+           "train_config_from", "save_history", "paper_permutation", "project", "clip_grad_norm_"]

@@ -48,8 +48,8 @@ EXTRA: dict[str, Opt] = {
                    "<solver>_NFE<n>_seed<s>, or samples/<config>/compare_<solver>_<metric> with --compare)"),
     "metrics": Opt(str, "auto", "sample.py: comma list of teacher, fid, digits, or none; auto = teacher, "
                    "plus digits for 8x8 digits models, plus fid when --ref_path exists"),
-    "teacher_distances": Opt(str, "L2,L1,LPIPS", "sample.py: distances to the teacher (LPIPS skipped with a "
-                             "warning when its weights are missing)"),
+    "teacher_distances": Opt(str, "L2,L1,LPIPS", "sample.py: distances to the teacher (by default LPIPS only when its VGG weights are in torch's hub cache; "
+                             "named here, it downloads them)"),
     "teacher_samples": Opt(_none_or(int), None, "sample.py: distance to the teacher on the first K samples "
                            "(default: all)"),
     "inception_weights": Opt(_none_or(str), None, "FID: Inception weights file (default: torch hub cache, "
@@ -141,12 +141,17 @@ def _metric_set(cfg: dict, model) -> set[str]:
 
 
 def _distances(cfg: dict, device: torch.device) -> dict:
-    from ld3.losses import make_distance
+    from ld3.losses import _vgg_weights_file, make_distance
 
     out = {}
+    default = str(cfg["teacher_distances"]) == EXTRA["teacher_distances"].default
     for name in [s.strip() for s in str(cfg["teacher_distances"]).split(",") if s.strip()]:
         if name not in ("L2", "L1", "LPIPS"):
             raise UserError(f"--teacher_distances: unknown {name!r}; choose from L2, L1, LPIPS")
+        if name == "LPIPS" and default and not _vgg_weights_file().is_file():
+            log.info("LPIPS skipped: no VGG16 weights at %s (put them there, or ask for LPIPS with "
+                     "--teacher_distances, which downloads them)", _vgg_weights_file())
+            continue
         try:
             out[name] = make_distance(name, device, int(cfg.get("lpips_size") or 224))
         except UserError as e:

@@ -11,8 +11,9 @@ formulas (the docstrings of ``samplers/solvers.py``); the fast solvers there are
 
 Same signature as the solvers of ``samplers/solvers.py``; differentiable in x, t and t'. They
 differ from the paper's code only where it crashes or wastes work: no network call after the last
-step, iPNDM of order 1 runs (the paper's raises IndexError), and heun and the singlestep
-``dpm_solver`` are not here (broken in the paper's code; ``--paper_compat`` keeps ours for them).
+step, iPNDM of order 1 runs (the paper's raises IndexError), the singlestep ``dpm_solver`` (orders 1
+and 2; the paper's code only runs it when called directly) reads our grid, which holds each step's
+intermediate time, and heun is not here (broken in the paper's code; ``--paper_compat`` keeps ours).
 
 ``time_steps`` computes the paper's baseline grids (``ODESolver.get_time_steps``) in float32.
 """
@@ -230,7 +231,50 @@ def euler(model_fn, schedule, x, t, t_prime=None, *, order=1, cond=None, uc=None
     return x
 
 
-PAPER_SOLVERS = {"uni_pc": uni_pc, "dpm_solver++": dpm_solver_pp, "ipndm": ipndm, "euler": euler}
+# --------------------------------------------------------------------------- DPM-Solver (singlestep)
+def paper_midpoints(schedule: NoiseSchedule, outer: Tensor) -> Tensor:
+    """The grid our ``dpm_solver`` reads for the paper's K outer times (order 2, r1 = r2 = 1/2): each
+    step's intermediate time t(lambda_s + h / 2), computed as the paper's code does (float32)."""
+    outer = _as32(outer)
+    pts = [outer[:1]]
+    for i in range(outer.numel() - 1):
+        ls, lt = schedule.lambda_(outer[i]), schedule.lambda_(outer[i + 1])
+        pts += [schedule.t_of_lambda(ls + 0.5 * (lt - ls)).reshape(1), outer[i + 1:i + 2]]
+    return torch.cat(pts)
+
+
+def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc=None):
+    """Singlestep DPM-Solver-1/2 (noise prediction) as the paper's code computes it, coefficients in float32.
+
+    Our grid convention (``samplers.solvers.dpm_solver``): S = NFE intervals, an order-2 step from t_p to
+    t_{p+2} evaluates at t'_p and at its intermediate point t'_{p+1}; with the paper's outer times use
+    ``paper_midpoints`` (its r1 = 1/2). The paper's code has no order 3 here (nor a working Generator path)."""
+    if order not in (1, 2):
+        raise ValueError(f"the paper's dpm_solver has orders 1 and 2, got {order}")
+    from samplers.solvers import singlestep_orders
+
+    tp = _as32(_check(t, t_prime))
+    t = _as32(t)
+    sch, p = schedule, 0
+    for k in singlestep_orders(t.numel() - 1, order):
+        s, q = t[p], t[p + k]
+        h = sch.lambda_(q) - sch.lambda_(s)
+        eps_s = _model(model_fn, x, tp[p], cond, uc)
+        base = torch.exp(sch.log_alpha(q) - sch.log_alpha(s)) * x - (sch.sigma(q) * torch.expm1(h)) * eps_s
+        if k == 2:
+            mid = t[p + 1]
+            r1 = (sch.lambda_(mid) - sch.lambda_(s)) / h
+            if abs(float(r1) - 0.5) < 1e-5:  # the paper's midpoint (its fixed r1 = 1/2), not its rounding
+                r1 = 0.5
+            u = torch.exp(sch.log_alpha(mid) - sch.log_alpha(s)) * x - (sch.sigma(mid) * torch.expm1(r1 * h)) * eps_s
+            eps_m = _model(model_fn, u, tp[p + 1], cond, uc)
+            base = base - (0.5 / r1) * (sch.sigma(q) * torch.expm1(h)) * (eps_m - eps_s)
+        x, p = base, p + k
+    return x
+
+
+PAPER_SOLVERS = {"uni_pc": uni_pc, "dpm_solver++": dpm_solver_pp, "ipndm": ipndm, "euler": euler,
+                 "dpm_solver": dpm_solver}
 
 
 # --------------------------------------------------------------------------- baseline grids
@@ -262,4 +306,5 @@ def time_steps(skip_type: str, schedule: NoiseSchedule, steps: int) -> Tensor:
     raise ValueError(f"the paper's code has no skip_type {skip_type!r}")
 
 
-__all__ = ["PAPER_SOLVERS", "uni_pc", "dpm_solver_pp", "ipndm", "euler", "time_steps"]
+__all__ = ["PAPER_SOLVERS", "uni_pc", "dpm_solver_pp", "ipndm", "euler", "dpm_solver", "paper_midpoints",
+           "time_steps"]

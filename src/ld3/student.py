@@ -68,8 +68,9 @@ class SolverSpec:
 
     @property
     def paper(self) -> bool:
-        """Whether rollouts use the paper code's arithmetic (only for the solvers it has working)."""
-        return self.arithmetic == "paper" and self.name in PAPER_SOLVERS
+        """Whether rollouts use the paper code's arithmetic (only for the solvers and orders it has)."""
+        return self.arithmetic == "paper" and self.name in PAPER_SOLVERS and \
+            not (self.name == "dpm_solver" and self.order == 3)
 
 
 class Rollout:

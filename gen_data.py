@@ -100,9 +100,6 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if remove_stale_temporaries(out):
         log.info("removed temporary files of an interrupted run in %s", out)
-    save_config({**cfg, "teacher_steps_S": steps}, out / "gen_config.yml")
-    write_identity(out, identity)
-
     n, bs = int(cfg["total_samples"]), int(cfg["sampling_batch_size"])
 
     def done(idx: list[int]) -> bool:
@@ -117,9 +114,15 @@ def main(argv: list[str] | None = None) -> Path:
     # every sample is computed in the batch an uninterrupted run computes it in: a resumed run writes
     # the same bytes
     chunks = chunked(range(n), bs)
+    n_batches = sum(1 for c in chunks if not done(c))
     todo = sum(len(c) for c in chunks if not done(c))
+    if todo == 0:
+        log.info("all %d samples are already in %s (made by the same model and options): nothing to do", n, out)
+        return out
     if todo < n:
         log.info("%d of %d samples already in %s; generating the other %d", n - todo, n, out, todo)
+    save_config({**cfg, "teacher_steps_S": steps}, out / "gen_config.yml")
+    write_identity(out, identity)
     rollout = Rollout(model, SolverSpec.from_cfg(cfg), timed=True)
     grid = rollout.grid(t, tp, device=device)  # the solver's coefficients: the same times for every batch
     png_mode = "paper" if cfg["arithmetic"] == "paper" else "round"
@@ -141,12 +144,11 @@ def main(argv: list[str] | None = None) -> Path:
             f.result()
     wall = time.perf_counter() - t_start
     net_s = rollout.fn.clock.forward_s
-    n_batches = sum(1 for c in chunks if not done(c)) or 1
     stats = {"images": todo, "wall_s": wall, "network_s": net_s,
              "images_per_s": todo / wall if wall > 0 else None,
              "network_bound_images_per_s": todo / net_s if net_s > 0 else None,
              "share_of_bound": net_s / wall if wall > 0 else None,
-             "network_calls_per_sample": rollout.fn.calls / n_batches if todo else 0}
+             "network_calls_per_sample": rollout.fn.calls / n_batches}
     atomic_write_text(out / "gen_stats.json", json.dumps(stats, indent=1))
     log.info("%d samples in %s: %.1f images/s (%.0f%% of the network-only bound), %d network calls per sample",
              n, out, stats["images_per_s"] or 0, 100 * (stats["share_of_bound"] or 0),

@@ -29,6 +29,9 @@ BLOCKS = {
     "gmm_uni_pc_teacher": ("samples/digits_gmm/compare/uni_pc_teacher/comparison.md", "scripts/compare.sh"),
     "gmm_ipndm_teacher": ("samples/digits_gmm/compare/ipndm_teacher/comparison.md", "scripts/compare.sh"),
     "bench": ("bench/out/bench.md", "make bench"),
+    "departures_gmm": ("samples/departures/digits_gmm.md", "scripts/departures.sh"),
+    "paper_compat_gmm": ("samples/paper_compat/digits_gmm.md", "scripts/paper_compat.sh"),
+    "paper_compat_unet": ("samples/paper_compat/digits.md", "scripts/paper_compat.sh"),
 }
 
 

@@ -36,38 +36,57 @@ def gen(tmp: Path, *extra: str, n: int = 20, bs: int = 10) -> Path:
     return Path(out)
 
 
+def readme_paper_commands() -> tuple[list[list[str]], str]:
+    """README's three paper commands (split into argv) and the embedded run folder it names."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- paper-commands -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cmds = [shlex.split(c) for c in re.sub(r"\\\n", " ", block).splitlines() if c.strip() and not c.startswith("#")]
+    run = text.split("<!-- embedded-run -->`", 1)[1].split("`", 1)[0]
+    return cmds, run
+
+
 def test_paper_commands_verbatim(tmp_path):
-    """The README commands of the paper, with --all_config pointing at the digits mixture, on CPU."""
-    env = {"CUDA_VISIBLE_DEVICES": "0"}
-    r = run("gen_data.py", "--all_config", CFG, "--total_samples", "100", "--sampling_batch_size", "10",
-            "--steps", "20", "--solver_name", "uni_pc", "--skip_type", "edm", "--save_pt", "--save_png",
-            "--data_dir", str(tmp_path / "train_data/train_data_digits"), "--low_gpu", env=env)
-    assert r.returncode == 0, r.stderr
-    data = tmp_path / "train_data/train_data_digits/uni_pc_NFE20_edm_seed0"
+    """README's commands of the paper, with only --all_config changed (and the run folder README names
+    for the embedded models), on the digits mixture, on CPU."""
+    cmds, embedded_run = readme_paper_commands()
+    assert len(cmds) == 3
+    results = []
+    for argv in cmds:
+        env = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+        argv = [a for a in argv if not ("=" in a and not a.startswith("-"))]
+        assert argv[0] == "python3"
+        argv = [CFG if a == "configs/cifar10.yml" else a for a in argv[1:]]
+        argv = [a.replace("uni_pc-N10-b0.03072-LPIPS-lr20.01rv12-rv25-seed0", embedded_run) for a in argv]
+        e = dict(os.environ, **env)
+        results.append(subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=tmp_path, env=e,
+                                      capture_output=True, text=True, timeout=900))
+        assert results[-1].returncode == 0, results[-1].stderr
+    data = tmp_path / "train_data/train_data_cifar10/uni_pc_NFE20_edm_seed0"
     assert len(list(data.glob("latent_*.pt"))) == 100 and len(list(data.glob("*.png"))) == 100
     d = torch.load(data / "latent_000007.pt", weights_only=True)
     assert set(d) == {"latent", "img", "c", "uc"} and d["latent"].shape == (1, 8, 8) and d["img"].shape == (1, 8, 8)
     assert d["img"].abs().max() > 1.0  # the teacher's images as computed, not clamped (the paper's files)
 
-    r = run("main.py", "--all_config", CFG, "--data_dir", str(data), "--num_train", "50", "--num_valid", "50",
-            "--main_train_batch_size", "1", "--main_valid_batch_size", "10", "--training_rounds_v1", "2",
-            "--training_rounds_v2", "5", "--log_path", str(tmp_path / "logs/logs_digits"), env=env)
-    assert r.returncode == 0, r.stderr
-    run_dir = tmp_path / "logs/logs_digits/uni_pc-N4-b0.004-L2-lr20.025rv12-rv25-seed0"
+    run_dir = tmp_path / "logs/logs_cifar10" / embedded_run
     for f in ("config.yml", "log.txt", "best_v1.pt", "best_v2.pt", "schedule.png", "curves.png"):
         assert (run_dir / f).is_file(), f
     ck = torch.load(run_dir / "best_v2.pt", weights_only=True)
-    assert set(ck) >= {"params1", "params2", "best_t_steps"} and ck["best_t_steps"].numel() == 2 * 5
+    assert set(ck) >= {"params1", "params2", "best_t_steps"} and ck["best_t_steps"].numel() == 2 * 11
     import json
 
     hist = json.loads((run_dir / "history.json").read_text())
     assert min(h["best_valid"] for h in hist if "best_valid" in h) < 0.5 * hist[0]["valid_loss"], "did not learn"
+    samples = tmp_path / "samples/cifar10/uni_pc_NFE10_ld3_seed0"
+    assert len(list(samples.glob("*.png"))) == 1000, sorted(p.name for p in samples.parent.iterdir())
 
-    # skip-if-finished: a second run returns at once and leaves the checkpoint untouched
+    # skip-if-finished: the same command again returns at once and leaves the checkpoint untouched
     mtime = (run_dir / "best_v2.pt").stat().st_mtime_ns
-    r = run("main.py", "--all_config", CFG, "--data_dir", str(data), "--num_train", "50", "--num_valid", "50",
-            "--main_train_batch_size", "1", "--main_valid_batch_size", "10", "--training_rounds_v1", "2",
-            "--training_rounds_v2", "5", "--log_path", str(tmp_path / "logs/logs_digits"), env=env)
+    argv = [CFG if a == "configs/cifar10.yml" else a for a in cmds[1][3:]]
+    r = subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0 and "already records a finished training" in r.stderr
     assert (run_dir / "best_v2.pt").stat().st_mtime_ns == mtime
 
@@ -84,7 +103,7 @@ def test_noise_independent_of_batch_size_and_last_partial_batch(tmp_path):
 
 
 def _train(tmp: Path, data: Path, log: str, *extra: str) -> Path:
-    return Path(ld3_main.main(["--all_config", CFG, "--data_dir", str(data), "--num_train", "10", "--num_valid", "10",
+    return Path(ld3_main.main(["--all_config", CFG, "--steps", "4", "--data_dir", str(data), "--num_train", "10", "--num_valid", "10",
                                "--main_valid_batch_size", "10", "--training_rounds_v1", "1", "--training_rounds_v2",
                                "1", "--log_path", str(tmp / log), "--visualize", "false", *extra]))
 

@@ -40,7 +40,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _train(tmp: Path, data: Path, *extra: str) -> Path:
-    return Path(ld3_main.main(["--all_config", CFG, "--data_dir", str(data), "--num_train", "10", "--num_valid",
+    return Path(ld3_main.main(["--all_config", CFG, "--steps", "4", "--data_dir", str(data), "--num_train", "10", "--num_valid",
                                "10", "--log_path", str(tmp), "--visualize", "false", *extra]))
 
 

@@ -116,6 +116,17 @@ def test_main_bad_input(tmp_path, capsys, data):
     assert not logs.exists() or not any(logs.rglob("*.pt"))
 
 
+def test_gap_in_sample_indices(tmp_path, capsys, data):
+    """The train/valid split is by file index (the paper's): a missing file is an error, not a shifted split."""
+    import shutil
+
+    bad = tmp_path / "gap"
+    shutil.copytree(data, bad)
+    (bad / "latent_000002.pt").unlink()
+    check(capsys, ld3_main.main, train_args(bad, tmp_path / "logs", "--num_train", "2", "--num_valid", "2"),
+          "latent_000002.pt is missing", root=tmp_path)
+
+
 def test_bad_sample_files(tmp_path, capsys, data):
     import shutil
 

@@ -48,8 +48,8 @@ EXTRA: dict[str, Opt] = {
                    "<solver>_NFE<n>_seed<s>, or samples/<config>/compare_<solver>_<metric> with --compare)"),
     "metrics": Opt(str, "auto", "sample.py: comma list of teacher, fid, digits, or none; auto = teacher, "
                    "plus digits for 8x8 digits models, plus fid when --ref_path exists"),
-    "teacher_distances": Opt(str, "L2,L1,LPIPS", "sample.py: distances to the teacher (by default LPIPS only when its VGG weights are in torch's hub cache; "
-                             "named here, it downloads them)"),
+    "teacher_distances": Opt(str, "L2,L1,LPIPS", "sample.py: distances to the teacher (by default LPIPS only when its VGG "
+                             "weights are in torch's hub cache; named here, it downloads them)"),
     "teacher_samples": Opt(_none_or(int), None, "sample.py: distance to the teacher on the first K samples "
                            "(default: all)"),
     "inception_weights": Opt(_none_or(str), None, "FID: Inception weights file (default: torch hub cache, "

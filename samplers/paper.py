@@ -54,12 +54,14 @@ def _as32(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- DPM-Solver++ (multistep)
-def _dpmpp_update(sch: NoiseSchedule, x: Tensor, ms: list[Tensor], ts: list[Tensor], t: Tensor, k: int) -> Tensor:
+def _dpmpp_update(sch: NoiseSchedule, x: Tensor, ms: list[Tensor], ts: list[Tensor], t: Tensor, k: int,
+                  d2_factor: float = 1.0) -> Tensor:
     """Multistep DPM-Solver++ update of order k from ts[-1] to t; coefficients in float32.
 
     order 1: (sigma_t / sigma_0) x - (alpha_t phi_1) m_0,  phi_1 = e^{-h} - 1
     order 2: ... - 0.5 (alpha_t phi_1) D1_0,  D1_0 = (1 / r0) (m_0 - m_1)
     order 3: ... + (alpha_t phi_2) D1 - (alpha_t phi_3) D2,  D2 = (1 / (r0 + r1)) (D1_0 - D1_1)
+    (``d2_factor`` 2: our exact 3M step, in the same arithmetic)
     """
     lam = sch.lambda_
     lam_t, lam_0 = lam(t), lam(ts[-1])
@@ -76,7 +78,7 @@ def _dpmpp_update(sch: NoiseSchedule, x: Tensor, ms: list[Tensor], ts: list[Tens
     r1 = (lam(ts[-2]) - lam(ts[-3])) / h
     d1_1 = (1.0 / r1) * (ms[-2] - ms[-3])
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d2_factor / (r0 + r1)) * (d1_0 - d1_1)
     phi_2 = phi_1 / h + 1.0
     phi_3 = phi_2 / h - 0.5
     return ((sigma_t / sigma_0) * x - (alpha_t * phi_1) * ms[-1] + (alpha_t * phi_2) * d1
@@ -88,10 +90,11 @@ def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None,
     """DPM-Solver++ (1M/2M/3M) as the paper's code computes it (3M without the factor 2 on D2).
 
     Warm-up steps 1 .. order - 1 use orders 1 .. order - 1; later steps min(order, S + 1 - step)
-    with ``lower_order_final``. ``third_order`` must be "paper" here (the exact 3M step is ours).
+    with ``lower_order_final``. ``third_order``: "paper" (its 3M step) or "exact" (ours, factor 2 on D2).
     """
-    if third_order != "paper":
-        raise ValueError("the paper's arithmetic has only the paper's 3M step (third_order='paper')")
+    if third_order not in ("paper", "exact"):
+        raise ValueError(f"third_order must be 'paper' or 'exact', got {third_order!r}")
+    d2_factor = 1.0 if third_order == "paper" else 2.0
     tp = _as32(_check(t, t_prime))
     t = _as32(t)
     steps = t.numel() - 1
@@ -102,7 +105,7 @@ def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None,
             k = step
         else:
             k = min(order, steps + 1 - step) if lower_order_final else order
-        x = _dpmpp_update(schedule, x, ms, ts, t1, k)
+        x = _dpmpp_update(schedule, x, ms, ts, t1, k, d2_factor)
         if step < steps:  # the paper's code also evaluates after the last step, and drops the result
             ts, ms = (ts + [t1])[-order:], (ms + [_x0(schedule, model_fn, x, t2, cond, uc)])[-order:]
     return x

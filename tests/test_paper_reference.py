@@ -203,3 +203,18 @@ def test_teacher_images_are_stored_unclamped():
     img = torch.load(REF / "teacher_seed0.pt", weights_only=True)["img"]
     assert img.dtype == torch.float64
     assert 0.2 < float((img.abs() > 1).double().mean()) < 0.4
+
+
+def test_paper_arithmetic_with_our_3m_step(model):
+    """--paper_compat --dpmpp_3m exact: our 3M step in the paper's arithmetic = our fast solver (to float32
+    coefficient rounding), and measurably not the paper's 3M step."""
+    run = next(r for r in OK_RUNS if r["key"] == "dpm_solver++|order=3|edm|NFE=6")
+    z = SOLVERS["latents"]
+    roll = Rollout(model, SolverSpec.from_cfg(config("--solver_name", "dpm_solver++", "--dpmpp_3m", "exact")))
+    assert roll.spec.paper
+    fast = Rollout(model, SolverSpec("dpm_solver++", 3, {"third_order": "exact"}))
+    with torch.no_grad():
+        a = roll.latents(z, roll.grid(run["t"], dtype=z.dtype))
+        b = fast.latents(z.double(), fast.grid(run["t"].double(), dtype=torch.float64))
+    assert float((a - b).abs().max()) < 2e-4
+    assert float((a - run["output"]).abs().max()) > 1e-3

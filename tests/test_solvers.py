@@ -23,7 +23,6 @@ from samplers.discretizations import get_discretization
 from samplers.reference import dpm_solver_pp_2m, exponential_integrator_step
 from samplers.solvers import (
     SOLVERS,
-    Grid,
     Solve,
     dpm_solver_pp_step,
     dpm_solver_step,

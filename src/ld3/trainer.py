@@ -201,7 +201,8 @@ class LD3Trainer:
             if getattr(cfg, k) < 1:
                 raise UserError(f"{k} must be >= 1, got {getattr(cfg, k)}")
         self.disc, self.student, self.cfg = disc, student, cfg
-        self.distance = Timed(distance, enabled=not getattr(student.spec, "paper", False))  # loss time (not in the paper arithmetic: hooks regroup gradient sums)
+        # loss time, forward and backward (not in the paper's arithmetic: the hooks regroup gradient sums)
+        self.distance = Timed(distance, enabled=not getattr(student.spec, "paper", False))
         self.device = device or torch.device("cpu")
         self.train, self.valid = train, valid
         self.on_improve = on_improve

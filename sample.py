@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from ld3.config import (Opt, UserError, _none_or, parse_config, run_cli, save_config,  # noqa: E402
+from ld3.config import (Opt, UserError, _int, _none_or, parse_config, run_cli, save_config,  # noqa: E402
                         setup_logging, str2bool)
 from ld3.io import atomic_write_text  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options,  # noqa: E402
@@ -42,19 +42,19 @@ from ld3.student import Rollout, SolverSpec  # noqa: E402
 log = logging.getLogger("ld3")
 
 EXTRA: dict[str, Opt] = {
-    "num_samples": Opt(int, 100, "sample.py: number of samples (sample mode) or of fresh noises per cell "
-                       "(--compare)"),
+    "num_samples": Opt(_int, 100, "sample.py: number of samples (sample mode) or of fresh noises per cell "
+                       "(--compare)", lo=1),
     "out_dir": Opt(_none_or(str), None, "sample.py: output folder (default samples/<config>/<discretization>_"
                    "<solver>_NFE<n>_seed<s>, or samples/<config>/compare_<solver>_<metric> with --compare)"),
     "metrics": Opt(str, "auto", "sample.py: comma list of teacher, fid, digits, or none; auto = teacher, "
                    "plus digits for 8x8 digits models, plus fid when --ref_path exists"),
     "teacher_distances": Opt(str, "L2,L1,LPIPS", "sample.py: distances to the teacher (by default LPIPS only when its VGG "
                              "weights are in torch's hub cache; named here, it downloads them)"),
-    "teacher_samples": Opt(_none_or(int), None, "sample.py: distance to the teacher on the first K samples "
-                           "(default: all)"),
+    "teacher_samples": Opt(_none_or(_int), None, "sample.py: distance to the teacher on the first K samples "
+                           "(default: all)", lo=0),
     "inception_weights": Opt(_none_or(str), None, "FID: Inception weights file (default: torch hub cache, "
                              "weights-inception-2015-12-05-6726825d.pth)"),
-    "grid_size": Opt(int, 64, "sample.py: samples shown in grid.png"),
+    "grid_size": Opt(_int, 64, "sample.py: samples shown in grid.png", lo=1),
     "compare": Opt(str2bool, False, "sample.py: comparison table of baselines and learned runs over --nfes"),
     "runs": Opt(_none_or(str), None, "--compare: comma list of learned runs ([label=]run folder or "
                 "best_v2.pt)"),

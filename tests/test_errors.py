@@ -57,7 +57,7 @@ GEN_BAD = [
     (["--all_config", CFG, "--model", "gpt"], ["gpt", "digits_gmm"]),
     (["--all_config", CFG, "--time_mode", "sigma"], ["time_mode", "sigma"]),
     (["--all_config", CFG, "--order", "5", "--solver_name", "uni_pc"], ["order 5", "uni_pc"]),
-    (["--all_config", CFG, "--steps", "0"], ["steps", "at least"]),
+    (["--all_config", CFG, "--steps", "0"], ["--steps 0", ">= 1"]),
     (["--all_config", CFG, "--steps", "2", "--solver_name", "dpm_solver", "--order", "3"], ["dpm_solver", "at least 3"]),
     (["--all_config", CFG, "--total_samples", "0"], ["total_samples", ">= 1"]),
     (["--all_config", CFG, "--sampling_batch_size", "-1"], ["sampling_batch_size", ">= 1"]),
@@ -194,3 +194,44 @@ def test_nan_stops_with_message_and_keeps_best(tmp_path, capsys, data, monkeypat
     assert not (run_dir / "result.json").exists()
     hist = json.loads((run_dir / "history.json").read_text())
     assert all(torch.isfinite(torch.tensor(h.get("valid_loss", 0.0))) for h in hist)
+
+
+BAD_VALUES = [
+    (["--lr_time_1", "nan"], ["--lr_time_1 nan", "finite"]),
+    (["--lr_time_1", "-1"], ["--lr_time_1", "> 0"]),
+    (["--lr_time_2", "inf"], ["--lr_time_2 inf", "finite"]),
+    (["--win_rate", "-1"], ["--win_rate", ">= 0"]),
+    (["--threads", "0"], ["--threads 0", ">= 1"]),
+    (["--lr_time_decay", "0"], ["--lr_time_decay", "> 0"]),
+    (["--shift_lr", "-2"], ["--shift_lr", ">= 0"]),
+    (["--training_rounds_v1", "0", "--training_rounds_v2", "0"], ["training_rounds_v1 + training_rounds_v2"]),
+    (["--valid_every", "0"], ["--valid_every 0", ">= 1"]),
+    (["--patient", "-1"], ["--patient -1", ">= 1"]),
+    (["--gits_ts", "80,abc"], ["--gits_ts", "comma-separated numbers"]),
+    (["--gmm_components", "0"], ["--gmm_components 0", ">= 1"]),
+    (["--momentum_time_1", "1.5"], ["--momentum_time_1", "<= 1"]),
+]
+
+
+@pytest.mark.parametrize("extra,needles", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_values_out_of_range_stop_before_writing(tmp_path, capsys, data, extra, needles):
+    """Checked by the same rule on the command line and in the yml, before a run folder exists."""
+    logs = tmp_path / "logs"
+    check(capsys, ld3_main.main, train_args(data, logs, *extra), *needles, root=tmp_path)
+    assert not logs.exists()
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("model: digits_gmm\nsteps: 4.7\n", ["steps", "4.7"]),
+    ("model: digits_gmm\nlr_time_1: -3\n", ["lr_time_1: -3.0", "> 0"]),
+    ("model: digits_gmm\ngmm_components: 0\n", ["gmm_components: 0", ">= 1"]),
+    ("", ["is empty"]),
+], ids=["non-integer steps", "negative lr", "zero components", "empty"])
+def test_bad_values_in_yml(tmp_path, capsys, data, text, needles):
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(text)
+    logs = tmp_path / "logs"
+    argv = ["--all_config", str(cfg), "--data_dir", str(data), "--log_path", str(logs)]
+    check(capsys, ld3_main.main, argv, *needles, root=tmp_path)
+    check(capsys, gen_data.main, ["--all_config", str(cfg), "--data_dir", str(tmp_path / "d")], *needles,
+          root=tmp_path)

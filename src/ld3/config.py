@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,37 @@ def str2bool(v: Any) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
 
 
+def _int(v: Any) -> int:
+    """An integer, strictly: 4 or "4" (or 4.0 from a yml), never 4.7 or a boolean."""
+    if isinstance(v, bool):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        if v.is_integer():
+            return int(v)
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}")
+    try:
+        return int(str(v).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+
+
+_int.__name__ = "int"
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+
+
+_float.__name__ = "float"
+
+
 def _none_or(tp):
     def conv(v):
         if v is None or str(v).lower() in ("none", "null", ""):
@@ -47,10 +79,35 @@ def _none_or(tp):
 
 @dataclass(frozen=True)
 class Opt:
+    """One option: its type, default, help, allowed values, and for numbers the allowed range
+    (``lo``/``hi``, ``lo_open``: strictly above ``lo``); numbers must be finite."""
+
     type: Any
     default: Any
     help: str
     choices: tuple | None = None
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def check(self, name: str, v: Any, where: str) -> None:
+        """Stop with one line when ``v`` is outside the option's range (``where``: the flag or the yml)."""
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            return
+        if not math.isfinite(v):
+            raise UserError(f"{where} {v!r}: must be a finite number{self._range_text()}")
+        bad = (self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)) or \
+            (self.hi is not None and v > self.hi)
+        if bad:
+            raise UserError(f"{where} {v!r}: must be{self._range_text() or ' in range'}")
+
+    def _range_text(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"<= {self.hi:g}")
+        return " " + " and ".join(parts) if parts else ""
 
 
 # name -> Opt. Keys and defaults follow the paper's code; ours are marked (ours).
@@ -60,26 +117,26 @@ OPTIONS: dict[str, Opt] = {
                  "conditioned_latent_diff (ours)"),
     "ckp_path": Opt(_none_or(str), None, "checkpoint file or folder of the pre-trained model"),
     "config": Opt(_none_or(str), None, "original (CompVis) yaml config of a latent diffusion checkpoint"),
-    "H": Opt(_none_or(int), None, "decoded image height (latent models)"),
-    "W": Opt(_none_or(int), None, "decoded image width (latent models)"),
-    "C": Opt(_none_or(int), None, "latent channels (latent models)"),
-    "f": Opt(_none_or(int), None, "autoencoder down-sampling factor (latent side = H // f)"),
+    "H": Opt(_none_or(_int), None, "decoded image height (latent models)"),
+    "W": Opt(_none_or(_int), None, "decoded image width (latent models)"),
+    "C": Opt(_none_or(_int), None, "latent channels (latent models)"),
+    "f": Opt(_none_or(_int), None, "autoencoder down-sampling factor (latent side = H // f)"),
     "schedule": Opt(str, "ve", "noise schedule of analytic models: ve or vp_discrete (ours)"),
     "dataset": Opt(_none_or(str), None, "which GITS table (cifar10, ffhq, afhqv2, lsun, sd); default: inferred "
                    "from model and ckp_path as the paper's code does"),
     "use_ema": Opt(str2bool, False, "use the EMA weights of a latent diffusion checkpoint (the paper's code never does)"),
-    "scale": Opt(float, 1.0, "classifier-free guidance scale"),
-    "num_prompts": Opt(int, 5, "Stable Diffusion: number of prompts read from prompt_path"),
+    "scale": Opt(_float, 1.0, "classifier-free guidance scale"),
+    "num_prompts": Opt(_int, 5, "Stable Diffusion: number of prompts read from prompt_path"),
     "prompt_path": Opt(_none_or(str), None, "Stable Diffusion: MS-COCO captions json"),
     "time_mode": Opt(str, "auto", "LD3 parameterization: lambda (pixel/EDM), time (latent), auto (the model's)",
                      ("auto", "lambda", "time")),
     "device": Opt(_none_or(str), None, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
     "low_gpu": Opt(str2bool, False, "activation checkpointing of each network call to save memory"),
-    "threads": Opt(_none_or(int), None, "torch CPU threads (default: chosen for the model size) (ours)"),
+    "threads": Opt(_none_or(_int), None, "torch CPU threads (default: chosen for the model size) (ours)"),
     # solver
     "solver_name": Opt(str, "uni_pc", "student / sampling solver"),
-    "steps": Opt(int, 10, "NFE (number of network evaluations)"),
-    "order": Opt(_none_or(int), None, "solver order (default: the solver's own)"),
+    "steps": Opt(_int, 10, "NFE (number of network evaluations)"),
+    "order": Opt(_none_or(_int), None, "solver order (default: the solver's own)"),
     "skip_type": Opt(str, "edm", "baseline discretization: edm, time_uniform, time_quadratic, logSNR, gits"),
     "unipc_variant": Opt(str, "bh2", "UniPC variant: bh1 or bh2", ("bh1", "bh2")),
     "lower_order_final": Opt(_none_or(str2bool), None, "lower the order of the final multistep steps (default: "
@@ -91,50 +148,50 @@ OPTIONS: dict[str, Opt] = {
     "learn": Opt(str2bool, False, "gen_data: sample with the learned run that main.py's options name"),
     "fid_folder": Opt(_none_or(str), None, "folder of FID results"),
     "ref_path": Opt(_none_or(str), None, "FID reference statistics (.npz with mu, sigma)"),
-    "num_multi_steps_fid": Opt(_none_or(int), None, "unused (kept for the paper's configs)"),
+    "num_multi_steps_fid": Opt(_none_or(_int), None, "unused (kept for the paper's configs)"),
     "load_from": Opt(_none_or(str), None, "sample with a learned discretization (best_v2.pt)"),
     # gen_data
-    "total_samples": Opt(int, 100, "number of teacher samples"),
-    "sampling_batch_size": Opt(int, 10, "batch size of teacher sampling"),
+    "total_samples": Opt(_int, 100, "number of teacher samples"),
+    "sampling_batch_size": Opt(_int, 10, "batch size of teacher sampling"),
     "data_dir": Opt(str, "train_data", "gen_data: root folder; main: the generated folder"),
     "save_pt": Opt(str2bool, False, "save latent_XXXXXX.pt files"),
     "save_png": Opt(str2bool, False, "save XXXXXX.png images"),
-    "seed": Opt(int, 0, "random seed"),
+    "seed": Opt(_int, 0, "random seed"),
     "noise": Opt(str, "index", "gen_data: teacher noise per sample index, the same for any batch size (ours), or "
                  "paper (torch.manual_seed(seed), then one randn per batch, as the paper's code)", ("index", "paper")),
     "paper_compat": Opt(str2bool, False, "reproduce the paper's code: every departure of PAPER_VALUES goes back to "
                         "the paper's behaviour (flags given on the command line still win)"),
     # main: data
-    "num_train": Opt(int, 50, "number of training samples"),
-    "num_valid": Opt(int, 50, "number of validation samples"),
-    "main_train_batch_size": Opt(int, 1, "training batch size"),
-    "main_valid_batch_size": Opt(int, 10, "validation batch size"),
+    "num_train": Opt(_int, 50, "number of training samples"),
+    "num_valid": Opt(_int, 50, "number of validation samples"),
+    "main_train_batch_size": Opt(_int, 1, "training batch size"),
+    "main_valid_batch_size": Opt(_int, 10, "validation batch size"),
     "log_path": Opt(str, "logs", "root folder of runs"),
     # main: method
     "loss_type": Opt(str, "LPIPS", "LPIPS, L2 or L1", ("LPIPS", "L2", "L1")),
-    "lpips_size": Opt(int, 32, "LPIPS: images smaller than this are resized up to it (the paper's sizes, 32 and "
+    "lpips_size": Opt(_int, 32, "LPIPS: images smaller than this are resized up to it (the paper's sizes, 32 and "
                       "up, are used as they are) (ours)"),
-    "training_rounds_v1": Opt(int, 2, "rounds of phase 1 (params1 only)"),
-    "training_rounds_v2": Opt(int, 5, "rounds of phase 2 (params1 and params2)"),
+    "training_rounds_v1": Opt(_int, 2, "rounds of phase 1 (params1 only)"),
+    "training_rounds_v2": Opt(_int, 5, "rounds of phase 2 (params1 and params2)"),
     "no_v1": Opt(str2bool, False, "skip phase 1 and learn only params2"),
-    "lr_time_1": Opt(float, 0.005, "RMSprop learning rate of params1"),
-    "lr_time_2": Opt(float, 0.1, "SGD learning rate of params2 (divided by steps)"),
-    "momentum_time_1": Opt(float, 0.9, "RMSprop momentum of params1"),
-    "weight_decay_time_1": Opt(float, 0.0, "RMSprop weight decay of params1"),
-    "min_lr_time_1": Opt(float, 5e-5, "floor of lr_time_1"),
-    "min_lr_time_2": Opt(float, 1e-6, "floor of lr_time_2"),
-    "lr_time_decay": Opt(float, 0.8, "learning-rate decay after patience runs out"),
-    "patient": Opt(int, 5, "validation checks without improvement before decay"),
-    "lr2_patient": Opt(int, 5, "stop after the phase-2 rate hit its floor this many times"),
-    "shift_lr": Opt(_none_or(float), None, "SGD learning rate of the latents z' (default 12 / steps)"),
-    "shift_lr_decay": Opt(float, 0.5, "decay of shift_lr when no validation latent moved in a round"),
-    "prior_bound": Opt(float, 0.0, "radius of the ball around z (used with fix_bound)"),
+    "lr_time_1": Opt(_float, 0.005, "RMSprop learning rate of params1"),
+    "lr_time_2": Opt(_float, 0.1, "SGD learning rate of params2 (divided by steps)"),
+    "momentum_time_1": Opt(_float, 0.9, "RMSprop momentum of params1"),
+    "weight_decay_time_1": Opt(_float, 0.0, "RMSprop weight decay of params1"),
+    "min_lr_time_1": Opt(_float, 5e-5, "floor of lr_time_1"),
+    "min_lr_time_2": Opt(_float, 1e-6, "floor of lr_time_2"),
+    "lr_time_decay": Opt(_float, 0.8, "learning-rate decay after patience runs out"),
+    "patient": Opt(_int, 5, "validation checks without improvement before decay"),
+    "lr2_patient": Opt(_int, 5, "stop after the phase-2 rate hit its floor this many times"),
+    "shift_lr": Opt(_none_or(_float), None, "SGD learning rate of the latents z' (default 12 / steps)"),
+    "shift_lr_decay": Opt(_float, 0.5, "decay of shift_lr when no validation latent moved in a round"),
+    "prior_bound": Opt(_float, 0.0, "radius of the ball around z (used with fix_bound)"),
     "fix_bound": Opt(str2bool, False, "keep prior_bound instead of 0.001 d / steps^2"),
-    "win_rate": Opt(float, 0.5, "window of t' as a share of the smallest gap"),
+    "win_rate": Opt(_float, 0.5, "window of t' as a share of the smallest gap"),
     "match_prior": Opt(str2bool, False, "first fit params1 to the GITS prior schedule"),
     "use_gits": Opt(str2bool, False, "use the GITS table as the prior (gen_data: sample with it)"),
     "gits_ts": Opt(_none_or(str), None, "comma-separated EDM sigmas of a prior schedule"),
-    "valid_every": Opt(int, 10, "validate after every k optimizer steps (ours; the paper's code: 1. Measured on "
+    "valid_every": Opt(_int, 10, "validate after every k optimizer steps (ours; the paper's code: 1. Measured on "
                        "the digits U-Net, 10 is as good on fresh noise and twice as fast: see README, Performance)"),
     "eval_on_one": Opt(str2bool, False, "validate on the first validation batch only until the first patience "
                        "event (the paper's code: true)"),
@@ -154,13 +211,54 @@ OPTIONS: dict[str, Opt] = {
     "resume": Opt(str2bool, False, "continue a stopped run from its last state (ours)"),
     "overwrite": Opt(str2bool, False, "replace what a data or run folder holds when another model, other data "
                      "or other options made it (without it, that stops with the option that differs)"),
-    "sampling_seed": Opt(_none_or(int), None, "seed of fresh evaluation noise, drawn apart from the teacher noise (default: seed)"),
-    "gmm_components": Opt(int, 40, "number of mixture components of the digits GMM (ours)"),
+    "sampling_seed": Opt(_none_or(_int), None, "seed of fresh evaluation noise, drawn apart from the teacher noise (default: seed)"),
+    "gmm_components": Opt(_int, 40, "number of mixture components of the digits GMM (ours)"),
     "teacher": Opt(_none_or(str), None, "the teacher to run for distances on fresh noise, as key=value pairs "
                    "(solver_name=uni_pc,steps=20,skip_type=edm,order=3,unipc_variant=bh1); default: the data "
                    "folder's gen_config.yml"),
-    "eval_fresh": Opt(int, 0, "after training, compare with baselines on this many fresh noises (ours)"),
+    "eval_fresh": Opt(_int, 0, "after training, compare with baselines on this many fresh noises (ours)"),
 }
+
+
+# (lo, hi, lo_open) of the numeric options; every number must also be finite
+RANGES: dict[str, tuple] = {
+    "H": (1, None, False), "W": (1, None, False), "C": (1, None, False), "f": (1, None, False),
+    "num_prompts": (1, None, False), "threads": (1, None, False), "steps": (1, None, False),
+    "order": (1, None, False), "total_samples": (1, None, False), "sampling_batch_size": (1, None, False),
+    "seed": (0, None, False), "num_train": (1, None, False), "num_valid": (1, None, False),
+    "main_train_batch_size": (1, None, False), "main_valid_batch_size": (1, None, False),
+    "lpips_size": (1, None, False), "training_rounds_v1": (0, None, False), "training_rounds_v2": (0, None, False),
+    "lr_time_1": (0, None, True), "lr_time_2": (0, None, True), "momentum_time_1": (0, 1, False),
+    "weight_decay_time_1": (0, None, False), "min_lr_time_1": (0, None, False), "min_lr_time_2": (0, None, False),
+    "lr_time_decay": (0, 1, True), "patient": (1, None, False), "lr2_patient": (1, None, False),
+    "shift_lr": (0, None, False), "shift_lr_decay": (0, 1, True), "prior_bound": (0, None, False),
+    "win_rate": (0, 1, False), "valid_every": (1, None, False), "sampling_seed": (0, None, False),
+    "gmm_components": (1, None, False), "eval_fresh": (0, None, False),
+}
+for _k, (_lo, _hi, _open) in RANGES.items():
+    OPTIONS[_k] = Opt(OPTIONS[_k].type, OPTIONS[_k].default, OPTIONS[_k].help, OPTIONS[_k].choices, _lo, _hi, _open)
+
+
+def check_values(cfg: dict, table: dict[str, "Opt"], from_cli: set[str], yml_path: str | None) -> None:
+    """Every option's value against its declared range, before anything is written; plus the rules
+    that tie options together."""
+    for k, opt in table.items():
+        if k in cfg:
+            opt.check(k, cfg[k], f"--{k}" if k in from_cli else f"{yml_path or 'the config'}: {k}:")
+    v1, v2 = cfg.get("training_rounds_v1"), cfg.get("training_rounds_v2")
+    if isinstance(v1, int) and isinstance(v2, int):
+        if (0 if cfg.get("no_v1") else v1) + v2 < 1 and not cfg.get("match_prior"):
+            raise UserError("training_rounds_v1 + training_rounds_v2 is 0 (with --no_v1: training_rounds_v2): "
+                            "nothing would be learned; give at least one round (zero rounds only with "
+                            "--match_prior, to save the fitted prior)")
+    ts = cfg.get("gits_ts")
+    if ts:
+        try:
+            vals = [float(x) for x in str(ts).split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--gits_ts {ts!r}: give comma-separated numbers (EDM sigmas, decreasing)") from None
+        if not all(math.isfinite(x) and x >= 0 for x in vals):
+            raise UserError(f"--gits_ts {ts!r}: the sigmas must be finite and >= 0")
 
 
 PAPER_VALUES: dict[str, Any] = {
@@ -197,6 +295,8 @@ def load_yml(path: str | None) -> dict:
         raise UserError(f"cannot read config {path}: {str(e).splitlines()[0]}; fix the yml syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"config {path} must be a mapping of key: value lines")
+    if not data:
+        raise UserError(f"config {path} is empty: it must give the options of a run, e.g. copy configs/digits.yml")
     return data
 
 
@@ -254,6 +354,7 @@ def parse_config(argv: list[str] | None = None, description: str = "", extra: di
         cfg[k] = v
     cfg.update(args)
     cfg["all_config"] = known.all_config
+    check_values(cfg, table, set(args), known.all_config)
     if cfg.get("paper_compat"):
         for k, v in PAPER_VALUES.items():
             if k in args and args[k] != v:

@@ -389,13 +389,39 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> lo
     return fh
 
 
+def os_error_message(e: OSError) -> tuple[str, int]:
+    """One line for a file-system fault, and the exit status: 2 for a path the user can change, 1 for the
+    environment (a full disk)."""
+    import errno
+
+    path = e.filename or "a file"
+    what = e.strerror or type(e).__name__
+    fix = "choose another folder (--data_dir, --log_path, --out_dir) or fix its permissions"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {path}: {what} (disk full); free space or choose a folder on another disk", 1
+    if isinstance(e, NotADirectoryError) or e.errno == errno.ENOTDIR:
+        return f"{path}: a file stands where a folder is needed; {fix}", 2
+    if isinstance(e, FileExistsError):
+        return f"{path} already exists and is not a folder; {fix}", 2
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {path}: {what}; {fix}", 2
+    if isinstance(e, FileNotFoundError):
+        return f"{path}: {what}; check the path", 2
+    return f"{path}: {what}", 1
+
+
 def run_cli(fn, argv: list[str] | None = None) -> int:
-    """Run ``fn(argv)``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    """Run ``fn(argv)``; a ``UserError`` becomes one line on stderr and exit status 2, a file-system
+    fault one line and 2 (a path to change) or 1 (a full disk)."""
     try:
         fn(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        msg, code = os_error_message(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -28,9 +28,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; written files are ordinary files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # name the file (a full disk says nothing else)
+            raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
 
 

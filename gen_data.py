@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from ld3.config import parse_config, run_cli, save_config, setup_logging  # noqa: E402
-from ld3.io import atomic_write_text, background_executor, remove_stale_temporaries  # noqa: E402
+from ld3.io import FolderLock, atomic_write_text, background_executor, remove_stale_temporaries  # noqa: E402
 from ld3.data import noise_for_indices, sample_path, save_pngs, save_sample  # noqa: E402
 from ld3.runtime import (baseline_times, check_positive, check_solver_options, data_folder_name,  # noqa: E402
                          check_learned_run, gits_prior, load_times, setup_device_and_model)
@@ -121,39 +121,40 @@ def main(argv: list[str] | None = None) -> Path:
         return out
     if todo < n:
         log.info("%d of %d samples already in %s; generating the other %d", n - todo, n, out, todo)
-    save_config({**cfg, "teacher_steps_S": steps}, out / "gen_config.yml")
-    write_identity(out, identity)
-    rollout = Rollout(model, SolverSpec.from_cfg(cfg), timed=True)
-    grid = rollout.grid(t, tp, device=device)  # the solver's coefficients: the same times for every batch
-    png_mode = "paper" if cfg["arithmetic"] == "paper" else "round"
-    t_start = time.perf_counter()
-    # Files are written by a background writer while the next batch is computed (at most two
-    # batches wait), so the time a user waits is the network's. (Two writers, each taking half a
-    # batch, were measured slower: on 2 cores they slow the network down more than they save.)
-    pending: list[Future] = []
-    with background_executor(device, _warm_writer) as writer:
-        for b in sample_batches(rollout, grid, chunks, noise_source(cfg, model, device), device, skip=done,
-                                desc="teacher"):
-            z, img, c, uc = (v.detach().cpu() if isinstance(v, torch.Tensor) else v
-                             for v in (b.z, b.images, b.c, b.uc))
-            pending.append(writer.submit(write_batch, out, b.indices, z, img, c, uc, bool(cfg["save_pt"]),
-                                         bool(cfg["save_png"]), png_mode))
-            while len(pending) > 2 or (pending and pending[0].done()):
-                pending.pop(0).result()
-        for f in pending:
-            f.result()
-    wall = time.perf_counter() - t_start
-    net_s = rollout.fn.clock.forward_s
-    stats = {"images": todo, "wall_s": wall, "network_s": net_s,
-             "images_per_s": todo / wall if wall > 0 else None,
-             "network_bound_images_per_s": todo / net_s if net_s > 0 else None,
-             "share_of_bound": net_s / wall if wall > 0 else None,
-             "network_calls_per_sample": rollout.fn.calls / n_batches}
-    atomic_write_text(out / "gen_stats.json", json.dumps(stats, indent=1))
-    log.info("%d samples in %s: %.1f images/s (%.0f%% of the network-only bound), %d network calls per sample",
-             n, out, stats["images_per_s"] or 0, 100 * (stats["share_of_bound"] or 0),
-             stats["network_calls_per_sample"])
-    return out
+    with FolderLock(out, "data folder"):  # one writer at a time
+        save_config({**cfg, "teacher_steps_S": steps}, out / "gen_config.yml")
+        write_identity(out, identity)
+        rollout = Rollout(model, SolverSpec.from_cfg(cfg), timed=True)
+        grid = rollout.grid(t, tp, device=device)  # the solver's coefficients: the same times for every batch
+        png_mode = "paper" if cfg["arithmetic"] == "paper" else "round"
+        t_start = time.perf_counter()
+        # Files are written by a background writer while the next batch is computed (at most two
+        # batches wait), so the time a user waits is the network's. (Two writers, each taking half a
+        # batch, were measured slower: on 2 cores they slow the network down more than they save.)
+        pending: list[Future] = []
+        with background_executor(device, _warm_writer) as writer:
+            for b in sample_batches(rollout, grid, chunks, noise_source(cfg, model, device), device, skip=done,
+                                    desc="teacher"):
+                z, img, c, uc = (v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                                 for v in (b.z, b.images, b.c, b.uc))
+                pending.append(writer.submit(write_batch, out, b.indices, z, img, c, uc, bool(cfg["save_pt"]),
+                                             bool(cfg["save_png"]), png_mode))
+                while len(pending) > 2 or (pending and pending[0].done()):
+                    pending.pop(0).result()
+            for f in pending:
+                f.result()
+        wall = time.perf_counter() - t_start
+        net_s = rollout.fn.clock.forward_s
+        stats = {"images": todo, "wall_s": wall, "network_s": net_s,
+                 "images_per_s": todo / wall if wall > 0 else None,
+                 "network_bound_images_per_s": todo / net_s if net_s > 0 else None,
+                 "share_of_bound": net_s / wall if wall > 0 else None,
+                 "network_calls_per_sample": rollout.fn.calls / n_batches}
+        atomic_write_text(out / "gen_stats.json", json.dumps(stats, indent=1))
+        log.info("%d samples in %s: %.1f images/s (%.0f%% of the network-only bound), %d network calls per sample",
+                 n, out, stats["images_per_s"] or 0, 100 * (stats["share_of_bound"] or 0),
+                 stats["network_calls_per_sample"])
+        return out
 
 
 if __name__ == "__main__":

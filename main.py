@@ -29,7 +29,8 @@ from ld3.data import load_samples  # noqa: E402
 from ld3.discretization import LearnedDiscretization, checkpoint_dict  # noqa: E402
 from ld3.figures import FigureHelper  # noqa: E402
 from ld3.identity import check_run_folder, run_identity, write_identity  # noqa: E402
-from ld3.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries, safe_load  # noqa: E402
+from ld3.io import (FolderLock, atomic_torch_save, atomic_write_text, remove_stale_temporaries,  # noqa: E402
+                    safe_load)
 from ld3.losses import make_distance  # noqa: E402
 from ld3.runtime import (check_positive, check_solver_options, derived_hparams, gits_prior,  # noqa: E402
                          run_name, setup_device_and_model, time_mode)
@@ -90,16 +91,17 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError(f"--resume: no saved state in {run_dir}; run without --resume to start it")
     if reuse and not cfg.get("resume") and any(run_dir.glob("best_v*.pt")):
         log.warning("%s holds an unfinished run; starting again (use --resume to continue it)", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir)
-    write_identity(run_dir, identity)
-    handler = setup_logging(run_dir / "log.txt")
-    try:
-        return _train(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train,
-                      n_valid, state_file)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    with FolderLock(run_dir, "run folder"):  # one writer at a time
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        write_identity(run_dir, identity)
+        handler = setup_logging(run_dir / "log.txt")
+        try:
+            return _train(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train,
+                          n_valid, state_file)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: int, bound: float, shift_lr: float,

@@ -86,3 +86,25 @@ def test_read_only_folder(small_disk, capsys, data):
     code = run_cli(ld3_sample.main, ["--all_config", CFG, "--skip_type", "edm", "--num_samples", "2", "--metrics",
                                      "none", "--out_dir", str(small_disk / "s")])
     one_line(capsys, code, 2, "Read-only file system")
+
+
+def test_second_writer_stops_naming_the_first(tmp_path, capsys, data):
+    """While one process writes a run or data folder, another stops with one line naming its pid."""
+    import os
+
+    from ld3.io import FolderLock
+
+    logs = tmp_path / "logs"
+    argv = ["--all_config", CFG, "--data_dir", str(data), "--num_train", "2", "--num_valid", "2", "--steps", "3",
+            "--training_rounds_v1", "1", "--training_rounds_v2", "1", "--visualize", "false", "--log_path", str(logs)]
+    run_dir = logs / "uni_pc-N3-b0.00711111-L2-lr20.03333333rv11-rv21-seed0"
+    with FolderLock(run_dir, "run folder"):
+        one_line(capsys, run_cli(ld3_main.main, argv), 2, "being written by another process", f"pid {os.getpid()}")
+        assert not (run_dir / "log.txt").exists()
+    assert run_cli(ld3_main.main, argv) == 0  # released: the run goes ahead
+    assert (run_dir / "best_v2.pt").is_file()
+    gen_argv = ["--all_config", CFG, "--total_samples", "2", "--steps", "6", "--save_pt", "--data_dir",
+                str(tmp_path / "d")]
+    with FolderLock(tmp_path / "d" / "uni_pc_NFE6_edm_seed0", "data folder"):
+        one_line(capsys, run_cli(gen_data.main, gen_argv), 2, "data folder", f"pid {os.getpid()}")
+    assert run_cli(gen_data.main, gen_argv) == 0

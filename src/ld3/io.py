@@ -36,6 +36,52 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+LOCK_NAME = ".ld3.lock"
+
+
+class FolderLock:
+    """An exclusive lock on a folder while this process writes it (``with FolderLock(folder, "run folder"):``).
+
+    ``flock`` on ``folder/.ld3.lock``, which holds the writer's process id; a second writer stops with
+    one line naming it. The kernel drops the lock when the process ends, killed or not. Where ``fcntl``
+    is missing (Windows) there is no lock."""
+
+    def __init__(self, folder: Path, what: str):
+        self.folder, self.what, self._f = Path(folder), what, None
+
+    def __enter__(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = open(self.folder / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            from ld3.config import UserError
+
+            raise UserError(f"{self.what} {self.folder} is being written by another process (pid {pid}); wait "
+                            "for it to finish, or use another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            import fcntl
+
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete temporary files left by a killed writer (``.name.XXXX.tmp``); returns how many."""
     n = 0

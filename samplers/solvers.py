@@ -565,6 +565,9 @@ class SolverOption:
 
 LOWER_ORDER_FINAL = SolverOption("lower_order_final", "lower_order_final", bool, True,
                                  "lower the order of the last steps (multistep solvers)")
+FINAL_DENOISE = SolverOption("final_denoise", "final_denoise", bool, False,
+                             "return the data prediction at the last nonzero time (one more network call); "
+                             "needed, and then implied, by a grid that ends at t = 0 (k-diffusion's sigmas)")
 
 
 @dataclass(frozen=True)
@@ -580,11 +583,16 @@ class SolverInfo:
     nfe_for_steps: Callable[[int], int]
     options: tuple[SolverOption, ...] = ()
 
+    @property
+    def all_options(self) -> tuple[SolverOption, ...]:
+        """The solver's own options and those every solver has (``final_denoise``)."""
+        return self.options + (FINAL_DENOISE,)
+
     def option(self, name: str) -> SolverOption:
-        for o in self.options:
+        for o in self.all_options:
             if o.name == name:
                 return o
-        own = ", ".join(o.name for o in self.options) or "none"
+        own = ", ".join(o.name for o in self.all_options)
         raise ValueError(f"{self.name} has no option {name}; its options: {own}")
 
 
@@ -636,13 +644,74 @@ def solve(name: str, model_fn, schedule: NoiseSchedule, x: Tensor, t: "Tensor | 
     if not info.min_order <= order <= info.max_order:
         raise ValueError(f"{name} supports orders {info.min_order}-{info.max_order}, got {order}")
     checked = {k: info.option(k).check(name, v) for k, v in options.items()}
-    return info.fn(model_fn, schedule, x, t, t_prime, order=order, cond=cond, uc=uc, **checked)
+    final = bool(checked.pop("final_denoise", False))
+
+    def run(tt, tp):
+        return info.fn(model_fn, schedule, x, tt, tp, order=order, cond=cond, uc=uc, **checked)
+
+    return with_final_denoise(run, model_fn, schedule, t, t_prime, final, cond, uc)
+
+
+def check_grid(t: Tensor, t_prime: Tensor | None = None) -> bool:
+    """Raise ValueError unless ``t`` is finite and strictly decreasing, positive except maybe a final 0, and
+    ``t_prime`` finite and positive where t is; returns whether the grid ends at t = 0."""
+    with torch.no_grad():
+        tv = t.detach()
+        if not bool(torch.isfinite(tv).all()):
+            raise ValueError(f"the times must be finite, got {tv.tolist()}")
+        if not bool((tv[1:] < tv[:-1]).all()):
+            raise ValueError(f"the times must decrease strictly, got {tv.tolist()}")
+        ends_at_zero = bool(tv[-1] == 0)
+        if bool((tv[:-1] <= 0).any()) or bool(tv[-1] < 0):
+            raise ValueError(f"the times must be > 0 (a final 0 only with final_denoise), got {tv.tolist()}")
+        if t_prime is not None:
+            pv = t_prime.detach()[:-1] if ends_at_zero else t_prime.detach()
+            if not bool(torch.isfinite(pv).all()) or bool((pv <= 0).any()):
+                raise ValueError(f"the network times t' must be finite and > 0, got {t_prime.detach().tolist()}")
+    return ends_at_zero
+
+
+def with_final_denoise(run: Callable, model_fn, schedule: NoiseSchedule, t: "Tensor | Grid",
+                       t_prime: Tensor | None, final: bool, cond: Any = None, uc: Any = None) -> Tensor:
+    """``run(t, t')`` on a checked grid; with ``final`` (or a grid ending at t = 0, which needs it) the result
+    is the data prediction x0 = (x - sigma eps) / alpha at the last nonzero time, k-diffusion's convention
+    for sigmas that end at 0 (the last step to 0 is that prediction): one more network call."""
+    if isinstance(t, Grid):
+        grid = t
+        zero = grid.table("checked", lambda g: check_grid(g.t_v, g.tp_v))
+    else:
+        grid, zero = None, check_grid(t, t_prime)
+    if zero and not final:
+        raise ValueError("the grid ends at t = 0, where the noise prediction is undefined: pass "
+                         "final_denoise=True (--final_denoise): the solve stops at the last nonzero time and "
+                         "returns the data prediction there")
+    if not final:
+        return run(t, t_prime)
+    if grid is not None:
+        tt, tp = grid.t_v, grid.tp_v
+    else:
+        tt, tp = t, t_prime
+    if zero:
+        tt, tp = tt[:-1], None if tp is None else tp[:-1]
+        if tt.numel() < 2:
+            raise ValueError("a grid ending at t = 0 needs at least two nonzero times")
+        if grid is not None:
+            sub = Grid(grid.schedule, tt, tp, dtype=grid.dtype, device=grid.device)
+            x = run(sub, None)
+        else:
+            x = run(tt, tp)
+    else:
+        x = run(t, t_prime)
+    tl = (tp if tp is not None else tt)[-1]
+    eps = model_fn(x, tl.expand(x.shape[0]), cond, uc)
+    alpha, sigma = schedule.alpha(tl), schedule.sigma(tl)
+    return (x - sigma * eps.to(x.dtype)) / alpha
 
 
 def nfe_of(name: str, steps: int) -> int:
     return get_solver(name).nfe_for_steps(steps)
 
 
-__all__ = ["solve", "get_solver", "steps_for_nfe", "nfe_of", "SOLVERS", "SolverInfo", "SolverOption",
+__all__ = ["solve", "check_grid", "with_final_denoise", "get_solver", "steps_for_nfe", "nfe_of", "SOLVERS", "SolverInfo", "SolverOption",
            "step_orders", "singlestep_orders", "euler", "heun", "dpm_solver_pp", "uni_pc", "ipndm", "dpm_solver",
            "Grid", "Solve", "heun_step", "dpm_solver_pp_step", "uni_pc_step", "ipndm_step", "dpm_solver_step"]

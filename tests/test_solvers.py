@@ -624,3 +624,39 @@ def test_bad_arguments_are_rejected():
         solve("uni_pc", net, net.schedule, x_t, t, variant="bh3")
     with pytest.raises(ValueError, match="solver_name"):
         solve("rk45", net, net.schedule, x_t, t)
+
+
+# --------------------------------------------------------------------------- grids: checks, a final t = 0
+@pytest.mark.parametrize("name,order,opts", ALL_CONFIGS, ids=[_cfg_id(c) for c in ALL_CONFIGS])
+def test_grid_ending_at_zero_needs_and_gets_a_final_denoising_step(name, order, opts):
+    """k-diffusion's sigmas end at 0: without final_denoise that is an error (not NaN); with it the solve
+    stops at the last nonzero time and returns the data prediction there (one more call)."""
+    net = wide_gaussian("ve")
+    sch, x = net.schedule, gaussian_start(net, 2)
+    t = get_discretization("edm", sch, 6).to(torch.float64)
+    t0 = torch.cat([t[:-1], t.new_zeros(1)])
+    with pytest.raises(ValueError, match="final_denoise"):
+        solve(name, net, sch, x, t0, order=order, **opts)
+    rec = Recorder(net)
+    out = solve(name, rec, sch, x, t0, order=order, final_denoise=True, **opts)
+    assert len(rec.times) == NFE_TABLE[name](5) + 1 and rec.times[-1] == pytest.approx(float(t[-2]))
+    ref = solve(name, net, sch, x, t[:-1], order=order, **opts)
+    last = t[-2]
+    x0 = (ref - sch.sigma(last) * net(ref, last.expand(2))) / sch.alpha(last)
+    assert torch.isfinite(out).all() and torch.allclose(out, x0, rtol=0, atol=1e-12)
+    # on a grid ending at t_min > 0 the option adds the data prediction at t_min
+    out = solve(name, net, sch, x, t, order=order, final_denoise=True, **opts)
+    full = solve(name, net, sch, x, t, order=order, **opts)
+    assert torch.allclose(out, (full - sch.sigma(t[-1]) * net(full, t[-1].expand(2))) / sch.alpha(t[-1]))
+
+
+@pytest.mark.parametrize("bad,what", [
+    ([80.0, 10.0, 10.0, 0.002], "decrease strictly"),
+    ([80.0, 1.0, 5.0, 0.002], "decrease strictly"),
+    ([80.0, float("nan"), 1.0, 0.002], "finite"),
+    ([80.0, 1.0, 0.5, -0.1], "> 0"),
+])
+def test_bad_grids_are_errors(bad, what):
+    net = wide_gaussian("ve")
+    with pytest.raises(ValueError, match=what):
+        solve("uni_pc", net, net.schedule, gaussian_start(net, 2), torch.tensor(bad, **F64))

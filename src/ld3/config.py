@@ -141,6 +141,9 @@ OPTIONS: dict[str, Opt] = {
     "unipc_variant": Opt(str, "bh2", "UniPC variant: bh1 or bh2", ("bh1", "bh2")),
     "lower_order_final": Opt(_none_or(str2bool), None, "lower the order of the final multistep steps (default: "
                              "the solver's own: on for uni_pc and dpm_solver++, off for ipndm, as the paper's code)"),
+    "final_denoise": Opt(str2bool, False, "end every solve with the data prediction at the last nonzero time (one "
+                         "more network call); a grid ending at t = 0 (k-diffusion sigmas, --gits_ts ...,0) needs it "
+                         "(ours)"),
     "dpmpp_3m": Opt(str, "exact", "DPM-Solver++ order-3 step: exact (ours: D2 with the Taylor factor 2, third "
                     "order) or paper (the paper's and DPM-Solver's reference code)", ("exact", "paper")),
     "arithmetic": Opt(str, "fast", "solver and schedule arithmetic: fast (ours) or paper (the paper code's float32 "

@@ -100,7 +100,7 @@ def solver_identity(cfg: dict) -> dict:
     """The solver's name, order and every option it declares, resolved (the option's default if unset)."""
     info = get_solver(cfg["solver_name"])
     out = {"order": info.default_order if cfg.get("order") is None else int(cfg["order"])}
-    for o in info.options:
+    for o in info.all_options:
         v = cfg.get(o.cfg_key)
         out[o.cfg_key] = o.default if v is None else v
     return out

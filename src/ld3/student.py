@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ld3.timing import Timed
 from models.base import Model
 from samplers.paper import PAPER_SOLVERS
-from samplers.solvers import Grid, get_solver, solve
+from samplers.solvers import Grid, get_solver, solve, with_final_denoise
 
 
 class CountingFn:
@@ -58,7 +58,7 @@ class SolverSpec:
         name = name or cfg["solver_name"]
         info = get_solver(name)
         opts: dict[str, Any] = {}
-        for opt in info.options:
+        for opt in info.all_options:
             v = cfg.get(opt.cfg_key)
             if v is not None:
                 opts[opt.name] = opt.type(v) if opt.type is not bool else bool(v)
@@ -98,8 +98,14 @@ class Rollout:
             grid = self.grid(t.to(z.device), None if tp is None else tp.to(z.device), dtype=z.dtype)
         x = self.model.schedule.prior(z)
         if self.spec.paper:
-            return PAPER_SOLVERS[self.spec.name](self.fn, self.model.schedule, x, grid.t_v, grid.tp_v,
-                                                 order=self.spec.order, cond=cond, uc=uc, **self.spec.options)
+            opts = dict(self.spec.options)
+            final = bool(opts.pop("final_denoise", False))
+
+            def run(g, _tp):
+                return PAPER_SOLVERS[self.spec.name](self.fn, self.model.schedule, x, g.t_v, g.tp_v,
+                                                     order=self.spec.order, cond=cond, uc=uc, **opts)
+
+            return with_final_denoise(run, self.fn, self.model.schedule, grid, None, final, cond, uc)
         return solve(self.spec.name, self.fn, self.model.schedule, x, grid, order=self.spec.order, cond=cond,
                      uc=uc, **self.spec.options)
 

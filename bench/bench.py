@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import torch  # noqa: E402
 
@@ -60,7 +59,7 @@ def memprobe(config: str, solver: str, nfe: int, low_gpu: bool, batch: int) -> d
     from ld3.discretization import LearnedDiscretization
     from ld3.runtime import setup_device_and_model
     from ld3.student import Rollout, SolverSpec
-    from samplers.solvers import steps_for_nfe
+    from ld3.samplers.solvers import steps_for_nfe
 
     cfg = parse_config(["--all_config", config, "--solver_name", solver, "--steps", str(nfe)])
     device, model = setup_device_and_model(cfg)

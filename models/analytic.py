@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.base import Model
-from samplers.schedules import NoiseSchedule, VESchedule, VPDiscreteSchedule
+from ld3.models.base import Model
+from ld3.samplers.schedules import NoiseSchedule, VESchedule, VPDiscreteSchedule
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -231,7 +231,7 @@ def gmm_model_from_file(path: str | Path, schedule: str | NoiseSchedule = "ve") 
         raise ValueError(f"{path}: shape {shape} does not hold {m.shape[1]} dimensions")
     info = {"n_components": int(w.numel()), "ckp_path": str(path)}
     if sch.name == "ve":  # as an EDM network: float32 denoiser output, noise prediction by EDM's wrapper
-        from models.base import edm_model
+        from ld3.models.base import edm_model
 
         model = edm_model("digits_gmm", GMMDenoiser(w, m, v, shape), shape, info=info)
         model.time_mode = "lambda"

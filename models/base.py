@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from samplers.schedules import NoiseSchedule, VESchedule
+from ld3.samplers.schedules import NoiseSchedule, VESchedule
 
 # model_fn(x, t, cond, uc) -> noise prediction eps, same shape as x; t is the schedule's
 # continuous time, a scalar tensor or one value per sample.

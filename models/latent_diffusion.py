@@ -39,8 +39,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from models.base import Model, index_generator
-from samplers.schedules import VPDiscreteSchedule
+from ld3.models.base import Model, index_generator
+from ld3.samplers.schedules import VPDiscreteSchedule
 
 log = logging.getLogger("ld3")
 
@@ -773,7 +773,7 @@ def _first_stage_state(params: dict, state: dict[str, Tensor], ckp: Path) -> tup
 
 def load_latent_diffusion(cfg: dict, device: torch.device | str = "cpu") -> Model:
     """``Model`` of a CompVis latent diffusion checkpoint (``ckp_path`` + yaml ``config``), or of a diffusers folder."""
-    from models.registry import ModelError
+    from ld3.models.registry import ModelError
 
     try:
         return _load(cfg)
@@ -785,7 +785,7 @@ def _load(cfg: dict) -> Model:
     ckp_raw = cfg.get("ckp_path")
     ckp = resolve(ckp_raw)
     if ckp is not None and ckp.is_dir():
-        from models.stable_diffusion import load_diffusers_folder
+        from ld3.models.stable_diffusion import load_diffusers_folder
 
         return load_diffusers_folder(cfg, ckp)
     cfg_path = resolve(cfg.get("config"))
@@ -842,7 +842,7 @@ def _load(cfg: dict) -> Model:
         info.update(n_classes=w.shape[0] - 1, null_class=w.shape[0] - 1, scale=guidance)
         name = f"ldm-class:{ckp.parent.name or ckp.stem}"
     else:
-        from models.stable_diffusion import text_side
+        from ld3.models.stable_diffusion import text_side
 
         encoder, conditions, extra = text_side(cfg, params, state, ckp, cfg_path, guidance)
         net = LatentDiffusionNet(unet, first, schedule, scale_factor, guidance, cond_encoder=encoder)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from models.base import Model
+from ld3.models.base import Model
 
 
 try:  # a user mistake: one line, exit status 2, wherever it surfaces (also after loading, e.g. missing prompts)
@@ -24,14 +24,14 @@ class ModelError(_UserFacing):
 
 
 def _analytic(cfg: dict, device: torch.device) -> Model:
-    from models.analytic import digits_gmm_model, gaussian_model
+    from ld3.models.analytic import digits_gmm_model, gaussian_model
 
     if cfg.get("schedule") not in ("ve", "edm", "vp_discrete"):
         raise ModelError(f"schedule {cfg.get('schedule')!r} is not available for analytic models; use ve or vp_discrete")
     if cfg["model"] == "gaussian":
         return gaussian_model(cfg["schedule"], seed=0)
     if cfg.get("ckp_path"):  # a mixture saved to a file (the one the paper's code was run on, for instance)
-        from models.analytic import gmm_model_from_file
+        from ld3.models.analytic import gmm_model_from_file
 
         if not Path(cfg["ckp_path"]).is_file():
             raise ModelError(f"mixture file {cfg['ckp_path']} not found; give a .pt file with weights, means and "
@@ -46,8 +46,8 @@ def _analytic(cfg: dict, device: torch.device) -> Model:
 def _edm(cfg: dict, device: torch.device) -> Model:
     path = cfg.get("ckp_path")
     if path in (None, "", "embedded", "embedded:digits") or str(path).endswith(".safetensors"):
-        from models.base import edm_model
-        from models.digits_unet import load_digits_denoiser
+        from ld3.models.base import edm_model
+        from ld3.models.digits_unet import load_digits_denoiser
 
         weights = None if path in (None, "", "embedded", "embedded:digits") else path
         if weights is not None and not Path(weights).is_file():
@@ -56,14 +56,14 @@ def _edm(cfg: dict, device: torch.device) -> Model:
         den = load_digits_denoiser(weights, device=str(device))
         return edm_model("digits_unet", den, (den.img_channels, den.img_resolution, den.img_resolution), info={"ckp_path": str(weights or "embedded")})
     # NVIDIA EDM network pickle (edm-*.pkl), read without the EDM repository
-    from models.edm_pickle import load_edm_model
+    from ld3.models.edm_pickle import load_edm_model
 
     return load_edm_model(path, device)
 
 
 def _latent(cfg: dict, device: torch.device) -> Model:
     """CompVis latent diffusion / Stable Diffusion: the yaml ``config`` says which (LSUN, ImageNet, SD)."""
-    from models.latent_diffusion import load_latent_diffusion
+    from ld3.models.latent_diffusion import load_latent_diffusion
 
     return load_latent_diffusion(cfg, device)
 

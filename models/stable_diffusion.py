@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from models.latent_diffusion import (ROOT, LatentDiffusionNet, LDMError, download_hint, make_model, resolve)
-from samplers.schedules import VPDiscreteSchedule
+from ld3.models.latent_diffusion import (ROOT, LatentDiffusionNet, LDMError, download_hint, make_model, resolve)
+from ld3.samplers.schedules import VPDiscreteSchedule
 
 log = logging.getLogger("ld3")
 
@@ -95,7 +95,7 @@ def prompt_conditions(encoder: PromptEncoder, prompt_path: str | None, num_promp
 
     def conditions(indices: Sequence[int], seed: int = 0, device: Any = None, balanced: bool = False):
         if state["prompts"] is None:
-            from models.registry import ModelError
+            from ld3.models.registry import ModelError
 
             raise ModelError("Stable Diffusion needs prompts: pass --prompt_path captions_val2014.json (fetch it with "
                              "`bash scripts/download_model.sh coco`) and --num_prompts N")

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from samplers.schedules import NoiseSchedule
+from ld3.samplers.schedules import NoiseSchedule
 
 
 def _finish(t: Tensor, schedule: NoiseSchedule) -> Tensor:
@@ -89,7 +89,7 @@ def get_discretization(skip_type: str, schedule: NoiseSchedule, steps: int, dtyp
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if skip_type == "gits":
-        from samplers.gits import gits_sigmas
+        from ld3.samplers.gits import gits_sigmas
 
         sig = gits_sigmas(solver_name or "ipndm", nfe if nfe is not None else steps, dataset)
         if len(sig) != steps + 1:

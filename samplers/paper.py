@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samplers.schedules import NoiseSchedule, VESchedule
+from ld3.samplers.schedules import NoiseSchedule, VESchedule
 
 
 def _model(model_fn, x: Tensor, t: Tensor, cond: Any, uc: Any) -> Tensor:
@@ -254,7 +254,7 @@ def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc
     ``paper_midpoints`` (its r1 = 1/2). The paper's code has no order 3 here (nor a working Generator path)."""
     if order not in (1, 2):
         raise ValueError(f"the paper's dpm_solver has orders 1 and 2, got {order}")
-    from samplers.solvers import singlestep_orders
+    from ld3.samplers.solvers import singlestep_orders
 
     tp = _as32(_check(t, t_prime))
     t = _as32(t)

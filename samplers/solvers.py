@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from samplers.schedules import NoiseSchedule
+from ld3.samplers.schedules import NoiseSchedule
 
 
 # --------------------------------------------------------------------------- helpers

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import torch  # noqa: E402
 
-import gen_data  # noqa: E402
-import main as ld3_main  # noqa: E402
+from ld3.cli import gen_data  # noqa: E402
+from ld3.cli import main as ld3_main  # noqa: E402
 from ld3.config import UserError, parse_config  # noqa: E402
 from ld3.discretization import load_learned_times  # noqa: E402
 from ld3.evaluate import baseline_names, fresh_noise, images, teacher_images  # noqa: E402
@@ -31,7 +30,7 @@ from ld3.losses import l2_distance  # noqa: E402
 from ld3.plots import image_grid  # noqa: E402
 from ld3.runtime import baseline_times, setup_device_and_model  # noqa: E402
 from ld3.student import SolverSpec  # noqa: E402
-from samplers.solvers import steps_for_nfe  # noqa: E402
+from ld3.samplers.solvers import steps_for_nfe  # noqa: E402
 
 log = logging.getLogger("ld3")
 
@@ -40,7 +39,7 @@ def digit_metric():
     """Fréchet distance in the shipped digit classifier's features (None if it is missing)."""
     try:
         from ld3.metrics import digit_quality
-        from models.digit_classifier import load_digit_classifier
+        from ld3.models.digit_classifier import load_digit_classifier
 
         clf = load_digit_classifier()
     except (ImportError, FileNotFoundError):

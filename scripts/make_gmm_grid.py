@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from models.analytic import digits_gmm_model  # noqa: E402
-from samplers.discretizations import get_discretization  # noqa: E402
-from samplers.solvers import solve  # noqa: E402
+from ld3.models.analytic import digits_gmm_model  # noqa: E402
+from ld3.samplers.discretizations import get_discretization  # noqa: E402
+from ld3.samplers.solvers import solve  # noqa: E402
 
 log = logging.getLogger("make_gmm_grid")
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import numpy as np  # noqa: E402
 
@@ -27,7 +25,7 @@ from ld3.evaluate import images  # noqa: E402
 from ld3.metrics import digit_quality  # noqa: E402
 from ld3.runtime import baseline_times, setup_device_and_model  # noqa: E402
 from ld3.student import SolverSpec  # noqa: E402
-from models.digit_classifier import load_digit_classifier  # noqa: E402
+from ld3.models.digit_classifier import load_digit_classifier  # noqa: E402
 
 
 def main() -> None:

@@ -21,13 +21,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "src"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
-from models.digit_classifier import (DEFAULT_CLASSIFIER_WEIGHTS, SPLIT_SEED, VALID_FRACTION,  # noqa: E402
+from ld3.models.digit_classifier import (DEFAULT_CLASSIFIER_WEIGHTS, SPLIT_SEED, VALID_FRACTION,  # noqa: E402
                                      DigitClassifier, load_digits_split)
-from models.digits_unet import count_parameters, write_weights  # noqa: E402
+from ld3.models.digits_unet import count_parameters, write_weights  # noqa: E402
 
 log = logging.getLogger("train_digit_classifier")
 

@@ -33,14 +33,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "src"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 from ld3.metrics import digit_quality  # noqa: E402
-from models.digit_classifier import (DEFAULT_CLASSIFIER_WEIGHTS, SPLIT_SEED, VALID_FRACTION,  # noqa: E402
+from ld3.models.digit_classifier import (DEFAULT_CLASSIFIER_WEIGHTS, SPLIT_SEED, VALID_FRACTION,  # noqa: E402
                                      load_digit_classifier, load_digits_split)
-from models.digits_unet import (DEFAULT_ARCH, DEFAULT_WEIGHTS, DIGITS_IMG_SHAPE, SIGMA_DATA,  # noqa: E402
+from ld3.models.digits_unet import (DEFAULT_ARCH, DEFAULT_WEIGHTS, DIGITS_IMG_SHAPE, SIGMA_DATA,  # noqa: E402
                                 DigitsDenoiser, count_parameters, load_digits_denoiser, sha256_of,
                                 write_weights)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.analytic import GMMNoise, digits_gmm_model, gaussian_model, load_digits_array, make_schedule
-from samplers.schedules import VPDiscreteSchedule, VPLinearSchedule
+from ld3.models.analytic import GMMNoise, digits_gmm_model, gaussian_model, load_digits_array, make_schedule
+from ld3.samplers.schedules import VPDiscreteSchedule, VPLinearSchedule
 
 F64 = dict(dtype=torch.float64)
 ROOT = Path(__file__).resolve().parents[1]

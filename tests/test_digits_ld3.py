@@ -13,7 +13,7 @@ from ld3.config import parse_config
 from ld3.discretization import load_learned_times
 from ld3.evaluate import compare_with_baselines
 from ld3.losses import l2_distance
-from models.registry import build_model
+from ld3.models.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs" / "digits.yml")

@@ -12,8 +12,8 @@ import scipy.linalg
 import torch
 
 from ld3.metrics import digit_quality, feature_stats, frechet_distance, frechet_from_stats
-from models.digit_classifier import DEFAULT_CLASSIFIER_WEIGHTS, load_digit_classifier, load_digits_split
-from models.digits_unet import (DEFAULT_WEIGHTS, DIGITS_IMG_SHAPE, DigitsDenoiser, count_parameters,
+from ld3.models.digit_classifier import DEFAULT_CLASSIFIER_WEIGHTS, load_digit_classifier, load_digits_split
+from ld3.models.digits_unet import (DEFAULT_WEIGHTS, DIGITS_IMG_SHAPE, DigitsDenoiser, count_parameters,
                                 load_digits_denoiser, sha256_of)
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "digits_denoiser_reference.safetensors"
@@ -105,7 +105,7 @@ def test_denoiser_removes_noise_from_heldout_digits(denoiser, split):
 
 
 def test_edm_wrapper_gives_noise_prediction(denoiser):
-    from models.base import edm_model
+    from ld3.models.base import edm_model
 
     model = edm_model("digits", denoiser, DIGITS_IMG_SHAPE)
     x = torch.randn(2, *DIGITS_IMG_SHAPE, generator=torch.Generator().manual_seed(4))

@@ -24,8 +24,8 @@ import yaml
 import gen_data
 import main as ld3_main
 from ld3.config import run_cli
-from models.edm_pickle import Placeholder, load_edm_pickle
-from models.registry import ModelError, build_model
+from ld3.models.edm_pickle import Placeholder, load_edm_pickle
+from ld3.models.registry import ModelError, build_model
 
 # --------------------------------------------------------------------------- the embedded module source
 NET_SRC = '''\

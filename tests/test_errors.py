@@ -12,8 +12,8 @@ import torch
 import gen_data
 import main as ld3_main
 from ld3.config import run_cli
-from models import registry
-from models.analytic import digits_gmm_model
+from ld3.models import registry
+from ld3.models.analytic import digits_gmm_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs" / "digits_gmm.yml")

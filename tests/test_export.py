@@ -12,9 +12,9 @@ import torch
 import sample
 from ld3.discretization import LearnedDiscretization, checkpoint_dict
 from ld3.export import diffusers_timesteps, export_dict, times_from_export
-from models.analytic import digits_gmm_model
-from samplers.schedules import VESchedule, VPDiscreteSchedule
-from samplers.solvers import solve
+from ld3.models.analytic import digits_gmm_model
+from ld3.samplers.schedules import VESchedule, VPDiscreteSchedule
+from ld3.samplers.solvers import solve
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs" / "digits_gmm.yml")

@@ -23,9 +23,9 @@ import yaml
 import gen_data
 import main as ld3_main
 from ld3.config import run_cli
-from models.latent_diffusion import (AutoencoderSpec, UNetSpec, autoencoder_plan, plan_to_compvis, plan_to_diffusers,
+from ld3.models.latent_diffusion import (AutoencoderSpec, UNetSpec, autoencoder_plan, plan_to_compvis, plan_to_diffusers,
                                      read_state_dict, read_yaml, unet_plan)
-from models.registry import ModelError, build_model
+from ld3.models.registry import ModelError, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -487,7 +487,7 @@ def _training_step_memory(model, low_gpu: bool, steps: int = 6) -> tuple[int, in
     from torch.profiler import ProfilerActivity, profile
 
     from ld3.student import Rollout, SolverSpec
-    from models.latent_diffusion import checkpointed_decode
+    from ld3.models.latent_diffusion import checkpointed_decode
 
     model.decode = checkpointed_decode(model.net, low_gpu)
     roll = Rollout(model, SolverSpec("uni_pc", 3, {"variant": "bh2", "lower_order_final": True}), low_gpu=low_gpu)
@@ -533,7 +533,7 @@ def test_low_gpu_checkpointing_lowers_peak_memory(tmp_path, capsys):
     ("stable_diff_v1-5", "sd15", (4, 64, 64), (3, 512, 512)),
 ])
 def test_paper_configs_use_the_shipped_yamls(name, target, latent, img, tmp_path, monkeypatch):
-    from models.latent_diffusion import shapes
+    from ld3.models.latent_diffusion import shapes
 
     cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yml").read_text())
     params = read_yaml(ROOT / cfg["config"])

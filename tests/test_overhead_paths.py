@@ -16,9 +16,9 @@ from ld3.data import save_pngs, to_uint8
 from ld3.figures import FigureHelper
 from ld3.timing import Timed
 from ld3.trainer import clip_grad_norm_, project
-from models.analytic import digits_gmm_model
-from samplers.discretizations import get_discretization
-from samplers.solvers import Grid, combine, solve
+from ld3.models.analytic import digits_gmm_model
+from ld3.samplers.discretizations import get_discretization
+from ld3.samplers.solvers import Grid, combine, solve
 
 CPU = torch.device("cpu")
 

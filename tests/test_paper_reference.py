@@ -20,8 +20,8 @@ import sample as ld3_sample
 from ld3.config import parse_config
 from ld3.runtime import baseline_times, setup_device_and_model
 from ld3.student import Rollout, SolverSpec
-from samplers.discretizations import get_discretization
-from samplers.paper import paper_midpoints
+from ld3.samplers.discretizations import get_discretization
+from ld3.samplers.paper import paper_midpoints
 
 REF = Path(__file__).resolve().parent / "data" / "paper_reference"
 CFG = str(REF / "digits_gmm_paper.yml")

@@ -16,8 +16,8 @@ from ld3.data import load_samples
 from ld3.discretization import load_learned_times
 from ld3.evaluate import compare_with_baselines
 from ld3.losses import l2_distance
-from models.registry import build_model
-from samplers.solvers import solve
+from ld3.models.registry import build_model
+from ld3.samplers.solvers import solve
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs" / "digits_gmm.yml")

@@ -11,9 +11,9 @@ import gen_data
 import main as ld3_main
 from ld3.config import run_cli
 from ld3.discretization import LearnedDiscretization
-from samplers.discretizations import edm, from_edm_sigmas, time_quadratic
-from samplers.gits import gits_sigmas
-from samplers.schedules import VESchedule, VPDiscreteSchedule
+from ld3.samplers.discretizations import edm, from_edm_sigmas, time_quadratic
+from ld3.samplers.gits import gits_sigmas
+from ld3.samplers.schedules import VESchedule, VPDiscreteSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs" / "digits_gmm.yml")

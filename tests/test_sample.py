@@ -15,9 +15,9 @@ import main as ld3_main
 import sample
 from ld3.data import EVAL_STREAM, TRAIN_STREAM, noise_for_indices, to_uint8
 from ld3.evaluate import grid_array
-from models.registry import build_model
-from samplers.discretizations import get_discretization
-from samplers.solvers import solve
+from ld3.models.registry import build_model
+from ld3.samplers.discretizations import get_discretization
+from ld3.samplers.solvers import solve
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs" / "digits_gmm.yml")
@@ -136,7 +136,7 @@ def test_fid_metric_through_the_cli(tmp_path, monkeypatch):
     """--metrics fid and --compare --metric fid, with a stand-in feature network (Inception is not shipped)."""
     import ld3.fid as fid_mod
     from ld3.metrics import frechet_distance
-    from models.digit_classifier import load_digits_split
+    from ld3.models.digit_classifier import load_digits_split
     from tests.test_fid import FakeInception
 
     net = FakeInception(64)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from samplers.discretizations import ALL_SKIP_TYPES, get_discretization
-from samplers.schedules import (
+from ld3.samplers.discretizations import ALL_SKIP_TYPES, get_discretization
+from ld3.samplers.schedules import (
     SCHEDULES,
     VESchedule,
     VPCosineSchedule,

@@ -18,10 +18,10 @@ import torch
 from scipy.integrate import solve_ivp
 from scipy.special import logsumexp
 
-from models.analytic import GaussianNoise, digits_gmm_model, make_schedule
-from samplers.discretizations import get_discretization
-from samplers.reference import dpm_solver_pp_2m, exponential_integrator_step
-from samplers.solvers import (
+from ld3.models.analytic import GaussianNoise, digits_gmm_model, make_schedule
+from ld3.samplers.discretizations import get_discretization
+from ld3.samplers.reference import dpm_solver_pp_2m, exponential_integrator_step
+from ld3.samplers.solvers import (
     SOLVERS,
     Solve,
     dpm_solver_pp_step,

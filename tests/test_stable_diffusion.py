@@ -17,9 +17,9 @@ import yaml
 import gen_data
 import main as ld3_main
 from ld3.config import run_cli
-from models.latent_diffusion import (AutoencoderSpec, UNetSpec, autoencoder_plan, plan_to_compvis, plan_to_diffusers,
+from ld3.models.latent_diffusion import (AutoencoderSpec, UNetSpec, autoencoder_plan, plan_to_compvis, plan_to_diffusers,
                                      read_yaml, unet_plan)
-from models.registry import ModelError, build_model
+from ld3.models.registry import ModelError, build_model
 from tests.test_latent_diffusion import Recorder, _perturb, compvis_alphas
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,8 +32,8 @@ from ld3.export import LearnedRun
 from ld3.io import atomic_write_text
 from ld3.runtime import baseline_times, check_solver_options
 from ld3.student import SolverSpec
-from models.base import Model
-from samplers.solvers import nfe_of, steps_for_nfe
+from ld3.models.base import Model
+from ld3.samplers.solvers import nfe_of, steps_for_nfe
 
 log = logging.getLogger("ld3")
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ld3.config import UserError
-from models.base import index_generator
+from ld3.models.base import index_generator
 from ld3.io import _atomic_write_bytes, atomic_torch_save, safe_load
 
 FILE_PATTERN = "latent_*.pt"

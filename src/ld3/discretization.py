@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samplers.schedules import NoiseSchedule
+from ld3.samplers.schedules import NoiseSchedule
 
 WINDOWS = ("schedule", "params")
 ARITHMETICS = ("fast", "paper")

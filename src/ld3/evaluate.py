@@ -23,9 +23,9 @@ from ld3.data import EVAL_STREAM, noise_for_indices, to_uint8
 from ld3.io import _atomic_write_bytes, atomic_write_text
 from ld3.runtime import baseline_times
 from ld3.student import Rollout, SolverSpec
-from models.base import Model
-from samplers.discretizations import SKIP_TYPES
-from samplers.solvers import steps_for_nfe
+from ld3.models.base import Model
+from ld3.samplers.discretizations import SKIP_TYPES
+from ld3.samplers.solvers import steps_for_nfe
 
 log = logging.getLogger("ld3")
 
@@ -174,7 +174,7 @@ def baseline_names(cfg: dict, model: Model) -> list[str]:
     names = list(SKIP_TYPES)
     if model.schedule.name == "ve" and cfg["solver_name"] in ("ipndm", "dpm_solver++"):
         try:
-            from samplers.gits import gits_sigmas
+            from ld3.samplers.gits import gits_sigmas
 
             from ld3.runtime import gits_dataset
 

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from ld3.config import UserError
 from ld3.io import atomic_write_text
-from samplers.schedules import NoiseSchedule, VESchedule
-from samplers.solvers import SOLVERS, nfe_of
+from ld3.samplers.schedules import NoiseSchedule, VESchedule
+from ld3.samplers.solvers import SOLVERS, nfe_of
 
 log = logging.getLogger("ld3")
 
@@ -111,7 +111,7 @@ def schedule_from_config(cfg: dict) -> NoiseSchedule:
     """The model's noise schedule, without loading network weights when it is known from the config."""
     name = cfg.get("model")
     if name in ("digits_gmm", "gaussian"):
-        from models.analytic import make_schedule
+        from ld3.models.analytic import make_schedule
 
         try:
             return make_schedule(str(cfg.get("schedule", "ve")))

@@ -150,7 +150,7 @@ class DigitsJudge:
 
     def __init__(self, device: torch.device | str = "cpu", seed: int = 0):
         try:
-            from models.digit_classifier import load_digit_classifier, load_digits_split
+            from ld3.models.digit_classifier import load_digit_classifier, load_digits_split
         except ImportError:
             raise UserError("the digit metrics need models/digit_classifier.py, which this checkout "
                             "lacks") from None

@@ -21,7 +21,7 @@ import torch
 
 from ld3.config import UserError
 from ld3.io import atomic_write_text
-from samplers.solvers import get_solver
+from ld3.samplers.solvers import get_solver
 
 log = logging.getLogger("ld3")
 

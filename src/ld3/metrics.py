@@ -91,7 +91,7 @@ def digit_quality(images: Tensor, classifier: Any, train_images: Tensor | None =
     ``models.digit_classifier.load_digits_split``. Subsets are fixed by ``seed``.
     """
     if train_images is None or heldout_images is None:
-        from models.digit_classifier import load_digits_split
+        from ld3.models.digit_classifier import load_digits_split
 
         x_tr, _, x_va, _ = load_digits_split()
         train_images = x_tr if train_images is None else train_images

@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ld3.io import atomic_save_figure  # noqa: E402
-from samplers.discretizations import SKIP_TYPES  # noqa: E402
-from samplers.schedules import NoiseSchedule  # noqa: E402
+from ld3.samplers.discretizations import SKIP_TYPES  # noqa: E402
+from ld3.samplers.schedules import NoiseSchedule  # noqa: E402
 
 
 def save_and_close(fig, path: Path, dpi: int = 110) -> None:

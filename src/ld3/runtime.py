@@ -11,9 +11,9 @@ from torch import Tensor
 
 from ld3.config import UserError
 from ld3.io import pick_device, set_threads
-from models.base import Model
-from samplers.discretizations import ALL_SKIP_TYPES, SKIP_TYPES, get_discretization
-from samplers.solvers import SOLVERS, get_solver, nfe_of, steps_for_nfe
+from ld3.models.base import Model
+from ld3.samplers.discretizations import ALL_SKIP_TYPES, SKIP_TYPES, get_discretization
+from ld3.samplers.solvers import SOLVERS, get_solver, nfe_of, steps_for_nfe
 
 log = logging.getLogger("ld3")
 
@@ -47,7 +47,7 @@ def check_solver_options(cfg: dict, key_steps: str = "steps") -> int:
 
 
 def setup_device_and_model(cfg: dict) -> tuple[torch.device, Model]:
-    from models.registry import ModelError, build_model
+    from ld3.models.registry import ModelError, build_model
 
     device = pick_device(cfg.get("device"))
     small = cfg.get("model") in ("digits_gmm", "gaussian", "digits_unet") or (
@@ -68,7 +68,7 @@ def time_mode(cfg: dict, model: Model) -> str:
 
 def gits_dataset(cfg: dict) -> str:
     """The GITS table of a config: ``dataset`` if set, else what the paper's code infers from the model."""
-    from samplers.gits import gits_dataset_for
+    from ld3.samplers.gits import gits_dataset_for
 
     if cfg.get("dataset"):
         return str(cfg["dataset"])
@@ -82,7 +82,7 @@ def baseline_times(cfg: dict, model: Model, skip_type: str | None, steps: int, n
     if skip_type is None:
         raise UserError("--skip_type is required: edm, time_uniform, time_quadratic, logSNR or gits")
     if cfg.get("arithmetic") == "paper" and skip_type in SKIP_TYPES:  # the paper's grids, in its float32
-        from samplers.paper import time_steps
+        from ld3.samplers.paper import time_steps
 
         return time_steps(skip_type, model.schedule, steps)
     try:
@@ -94,7 +94,7 @@ def baseline_times(cfg: dict, model: Model, skip_type: str | None, steps: int, n
 
 def gits_prior(cfg: dict, model: Model, steps: int) -> Tensor:
     """The prior schedule (``--match_prior``, ``--use_gits``): ``--gits_ts`` if given, else the GITS table."""
-    from samplers.discretizations import from_edm_sigmas
+    from ld3.samplers.discretizations import from_edm_sigmas
 
     if cfg.get("gits_ts"):
         try:

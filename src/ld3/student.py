@@ -10,9 +10,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ld3.timing import Timed
-from models.base import Model
-from samplers.paper import PAPER_SOLVERS
-from samplers.solvers import Grid, get_solver, solve, with_final_denoise
+from ld3.models.base import Model
+from ld3.samplers.paper import PAPER_SOLVERS
+from ld3.samplers.solvers import Grid, get_solver, solve, with_final_denoise
 
 
 class CountingFn:

@@ -1,0 +1,194 @@
+"""Learn a discretization (LD3): the few times at which the student solver should call the network.
+
+    python3 main.py --all_config configs/digits.yml \
+        --data_dir train_data/digits/uni_pc_NFE20_edm_seed0 --num_train 50 --num_valid 50 \
+        --main_train_batch_size 1 --main_valid_batch_size 10 \
+        --training_rounds_v1 2 --training_rounds_v2 5 --log_path logs/digits
+
+Writes ``{log_path}/{solver}-N{steps}-b{bound}-{loss}-lr2{lr2}rv1{v1}-rv2{v2}-seed{seed}/`` with
+config.yml, log.txt, best_v1.pt, best_v2.pt, history.json, schedule.png and curves.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging
+from ld3.data import load_samples
+from ld3.discretization import LearnedDiscretization, checkpoint_dict
+from ld3.figures import FigureHelper
+from ld3.identity import check_run_folder, run_identity, write_identity
+from ld3.io import (FolderLock, atomic_torch_save, atomic_write_text, remove_stale_temporaries,
+                    safe_load)
+from ld3.losses import make_distance
+from ld3.runtime import (check_positive, check_solver_options, derived_hparams, gits_prior,
+                         run_name, setup_device_and_model, time_mode)
+from ld3.student import Rollout, SolverSpec
+from ld3.trainer import LD3Trainer, NumericalError, save_history, train_config_from
+
+log = logging.getLogger("ld3")
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process (MB), and of the accelerator when on CUDA."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def is_trained(run_dir: Path) -> bool:
+    """As the paper's code: the last non-empty line of log.txt reports the training time."""
+    log_file = run_dir / "log.txt"
+    if not log_file.is_file() or not (run_dir / "best_v2.pt").is_file():
+        return False
+    lines = [x for x in log_file.read_text(errors="replace").splitlines() if x.strip()]
+    return bool(lines) and "Training time" in lines[-1]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    setup_logging()
+    cfg = parse_config(argv, description=__doc__.split("\n")[0])
+    if cfg["order_rng"] == "global":  # the paper's set_seed_everything, before anything draws
+        torch.manual_seed(int(cfg["seed"]))
+    check_positive(cfg, "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size")
+    steps = check_solver_options(cfg)
+    nfe = int(cfg["steps"])
+    if cfg["loss_type"] not in ("LPIPS", "L2", "L1"):
+        raise UserError(f"unknown loss_type {cfg['loss_type']!r}; choose LPIPS, L2 or L1")
+    device, model = setup_device_and_model(cfg)
+    bound, shift_lr, lr2 = derived_hparams(cfg, model.latent_shape, nfe)
+    run_dir = Path(cfg["log_path"]) / run_name(cfg, bound, lr2)
+    img_shape = tuple(model.info.get("img_shape", model.latent_shape))
+    n_train, n_valid = int(cfg["num_train"]), int(cfg["num_valid"])
+    data = load_samples(Path(cfg["data_dir"]), n_train + n_valid, model.latent_shape, img_shape)
+    identity = run_identity(cfg, model, data.files)
+    reuse = check_run_folder(run_dir, identity, bool(cfg.get("overwrite")))
+    if reuse and is_trained(run_dir):
+        if cfg.get("resume"):
+            log.info("%s is finished; --resume changes nothing", run_dir)
+        else:
+            log.info("%s already records a finished training with the same model, data and options: skipping "
+                     "(--overwrite to train again)", run_dir)
+        return run_dir
+    distance = make_distance(cfg["loss_type"], device, int(cfg.get("lpips_size") or 32))
+
+    state_file = run_dir / "last_state.pt"
+    if cfg.get("resume") and not state_file.is_file():
+        raise UserError(f"--resume: no saved state in {run_dir}; run without --resume to start it")
+    if reuse and not cfg.get("resume") and any(run_dir.glob("best_v*.pt")):
+        log.warning("%s holds an unfinished run; starting again (use --resume to continue it)", run_dir)
+    with FolderLock(run_dir, "run folder"):  # one writer at a time
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        write_identity(run_dir, identity)
+        handler = setup_logging(run_dir / "log.txt")
+        try:
+            return _train(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train,
+                          n_valid, state_file)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: int, bound: float, shift_lr: float,
+           lr2: float, n_train: int, n_valid: int, state_file: Path) -> Path:
+    save_config({**cfg, "bound": bound, "shift_lr": shift_lr, "lr_time_2_resolved": lr2, "S": steps,
+                 "time_mode": time_mode(cfg, model)}, run_dir / "config.yml")
+    log.info("run %s: %s, NFE %d (%d steps), bound %.8g, shift_lr %.8g, lr_time_2 %.8g%s", run_dir.name,
+             cfg["solver_name"], nfe, steps, bound, shift_lr, lr2, " (paper_compat)" if cfg.get("paper_compat") else "")
+
+    disc = LearnedDiscretization(model.schedule, steps, time_mode(cfg, model), float(cfg["win_rate"]),
+                                 window=cfg["window"], arithmetic=cfg["arithmetic"]).to(device)
+    if cfg.get("match_prior"):
+        err = disc.fit_to(gits_prior(cfg, model, steps).to(device))
+        log.info("params1 fitted to the prior schedule (max error %.3g in the learning variable)", err)
+    rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=bool(cfg["low_gpu"]), timed=True)
+
+    def on_improve(tr: LD3Trainer) -> None:  # as the paper's code: the best checkpoints at every improvement
+        ck = checkpoint_dict(tr.disc)
+        if tr.phase == 1:
+            atomic_torch_save(ck, run_dir / "best_v1.pt")
+        atomic_torch_save(ck, run_dir / "best_v2.pt")
+
+    t_start = time.perf_counter()
+    rng = torch.default_generator if cfg["order_rng"] == "global" else None
+    trainer = LD3Trainer(disc, rollout, distance, data.subset(slice(0, n_train)),
+                         data.subset(slice(n_train, n_train + n_valid)),
+                         train_config_from(cfg, bound, shift_lr, lr2), device, rng=rng, seed=int(cfg["seed"]),
+                         on_improve=on_improve, count_calls=lambda: rollout.fn.calls)
+    if cfg.get("resume"):
+        trainer.load_state_dict(safe_load(state_file, "saved state"))
+        log.info("resuming after round %d (step %d)", trainer.state.round, trainer.state.step)
+
+    def save_state(tr: LD3Trainer) -> None:
+        atomic_torch_save(tr.state_dict(), state_file)
+        save_history(tr.state.history, run_dir / "history.json")
+
+    t_train = time.perf_counter()
+    # Figures are drawn once, at the end (the paper's code redraws them at every new best), by a
+    # helper that loads matplotlib while training runs; leaving the block waits for them.
+    with FigureHelper(device) if cfg["visualize"] else contextlib.nullcontext() as figures:
+        try:
+            result = trainer.run(save_state)
+        except NumericalError as e:
+            save_history(trainer.state.history, run_dir / "history.json")
+            if trainer.state.best is not None:
+                trainer.load_params(trainer.state.best)
+                atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
+            raise UserError(str(e)) from None
+        if trainer.state.best_v1 is not None:
+            atomic_torch_save(trainer.state.best_v1, run_dir / "best_v1.pt")
+        atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
+        save_history(result.history, run_dir / "history.json")
+        with torch.no_grad():
+            t, tp = disc()
+        if figures is not None:
+            figures.draw("plot_schedule", model.schedule, t.cpu(), tp.cpu(), run_dir / "schedule.png",
+                         f"{cfg['solver_name']} NFE {nfe}: learned vs baselines")
+            figures.draw("plot_curves", result.history, run_dir / "curves.png")
+    wall = time.perf_counter() - t_train
+    net, loss = rollout.fn.clock, trainer.distance.clock
+    busy = net.total_s + loss.total_s
+    timing = {"wall_train_s": wall, "network_forward_s": net.forward_s, "network_backward_s": net.backward_s,
+              "loss_s": loss.total_s, "overhead_factor": wall / busy if busy > 0 else None}
+    summary = {"timing": timing, "memory": peak_memory(device),
+               "best_valid_loss": result.best_loss, "best_v1_valid_loss": result.best_v1_loss,
+               "optimizer_steps": result.steps, "stopped_early": result.stopped_early,
+               "nfe_per_sample": {k: v / n_train if k != "validation" else v / n_valid for k, v in result.nfe.items()},
+               "t": t.tolist(), "t_prime": tp.tolist(),
+               "lambda": model.schedule.lambda_(t.double().cpu()).tolist()}
+    atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=1))
+    log.info("training finished: best validation loss %.6g after %d steps; times %s", result.best_loss,
+             result.steps, ", ".join(f"{v:.4g}" for v in t.tolist()))
+    if busy > 0:
+        log.info("time: %.1f s training, of which network %.1f s (forward %.1f, backward %.1f) and loss %.1f s; "
+                 "overhead factor %.2f", wall, net.total_s, net.forward_s, net.backward_s, loss.total_s,
+                 timing["overhead_factor"])
+    else:  # the paper's arithmetic: no timing hooks (they would regroup gradient sums)
+        log.info("time: %.1f s training (network not timed under --arithmetic paper)", wall)
+    if int(cfg.get("eval_fresh") or 0) > 0:
+        from ld3.evaluate import compare_with_baselines
+
+        compare_with_baselines(cfg, model, device, {"LD3": (t, tp)}, int(cfg["eval_fresh"]), distance,
+                               out_dir=run_dir)
+    log.info("Training time: %.1f s", time.perf_counter() - t_start)
+    return run_dir
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

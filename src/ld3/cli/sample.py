@@ -1,0 +1,336 @@
+"""Sample, evaluate, compare and export discretizations (learned or baseline).
+
+Sample N images from fresh noise (``--sampling_seed``, drawn apart from the teacher data's noise) with a
+learned run (``--load_from RUN/best_v2.pt``) or a baseline ``--skip_type``; write ``samples.npz``
+(``arr_0``: N x H x W x C uint8), ``grid.png``, ``metrics.json`` (distance to the teacher, FID,
+digit metrics) and, with ``--save_png``, ``images/{index:06d}.png`` into ``--out_dir``:
+
+    python3 sample.py --all_config configs/digits_gmm.yml --load_from logs/digits_gmm/RUN/best_v2.pt \
+        --num_samples 1000 --out_dir samples/ld3_nfe4
+
+Compare every baseline and learned runs over NFEs (table as CSV + Markdown, plot):
+
+    python3 sample.py --all_config configs/digits_gmm.yml --compare --nfes 3,4,6 \
+        --runs logs/digits_gmm/RUN_A,logs/digits_gmm/RUN_B --metric teacher --out_dir samples/compare_digits
+
+Export a learned run for diffusers / k-diffusion (t, t', lambda, sigmas, timesteps):
+
+    python3 sample.py --all_config configs/digits_gmm.yml --export RUN/best_v2.pt --out ld3_nfe4.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from ld3.config import (Opt, UserError, _int, _none_or, parse_config, run_cli, save_config,
+                        setup_logging, str2bool)
+from ld3.io import atomic_write_text
+from ld3.runtime import (baseline_times, check_positive, check_solver_options,
+                         setup_device_and_model)
+from ld3.student import Rollout, SolverSpec
+
+log = logging.getLogger("ld3")
+
+EXTRA: dict[str, Opt] = {
+    "num_samples": Opt(_int, 100, "sample.py: number of samples (sample mode) or of fresh noises per cell "
+                       "(--compare)", lo=1),
+    "out_dir": Opt(_none_or(str), None, "sample.py: output folder (default samples/<config>/<discretization>_"
+                   "<solver>_NFE<n>_seed<s>, or samples/<config>/compare_<solver>_<metric> with --compare)"),
+    "metrics": Opt(str, "auto", "sample.py: comma list of teacher, fid, digits, or none; auto = teacher, "
+                   "plus digits for 8x8 digits models, plus fid when --ref_path exists"),
+    "teacher_distances": Opt(str, "L2,L1,LPIPS", "sample.py: distances to the teacher (by default LPIPS only when its VGG "
+                             "weights are in torch's hub cache; named here, it downloads them)"),
+    "teacher_samples": Opt(_none_or(_int), None, "sample.py: distance to the teacher on the first K samples "
+                           "(default: all)", lo=0),
+    "inception_weights": Opt(_none_or(str), None, "FID: Inception weights file (default: torch hub cache, "
+                             "weights-inception-2015-12-05-6726825d.pth)"),
+    "grid_size": Opt(_int, 64, "sample.py: samples shown in grid.png", lo=1),
+    "compare": Opt(str2bool, False, "sample.py: comparison table of baselines and learned runs over --nfes"),
+    "runs": Opt(_none_or(str), None, "--compare: comma list of learned runs ([label=]run folder or "
+                "best_v2.pt)"),
+    "nfes": Opt(_none_or(str), None, "--compare: comma list of NFEs (default: --steps and the runs' NFEs)"),
+    "metric": Opt(str, "teacher", "--compare: teacher (distance, --loss_type), fid or digit_fd",
+                  ("teacher", "fid", "digit_fd")),
+    "export": Opt(_none_or(str), None, "sample.py: export this learned run (folder or best_v2.pt) to JSON"),
+    "out": Opt(_none_or(str), None, "--export: JSON file to write (default: export.json beside the "
+               "checkpoint)"),
+}
+
+
+def _stem(cfg: dict) -> str:
+    return Path(cfg["all_config"]).stem if cfg.get("all_config") else str(cfg["model"])
+
+
+def _command(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return "python3 sample.py " + " ".join(shlex.quote(a) for a in args)
+
+
+# --------------------------------------------------------------------------- export
+def run_export(cfg: dict) -> Path:
+    from ld3.export import export_run, read_run, schedule_from_config, write_json
+
+    schedule = schedule_from_config(cfg)
+    run = read_run(cfg["export"], schedule, cfg)
+    out = Path(cfg["out"]) if cfg.get("out") else run.path.parent / "export.json"
+    d = export_run(run, schedule, model=str(cfg.get("model")))
+    write_json(d, out)
+    log.info("%s -> %s (%s, %d steps, %d NFE%s)", run.path, out, run.solver, run.steps, run.nfe,
+             "; t' != t, see note" if d["decoupled"] else "")
+    print(out)
+    return out
+
+
+# --------------------------------------------------------------------------- compare
+def run_compare(cfg: dict, argv: list[str] | None) -> Path:
+    from ld3.compare import compare, parse_nfes, to_markdown, write_outputs
+    from ld3.export import read_run
+
+    check_positive(cfg, "num_samples", "sampling_batch_size")
+    check_solver_options(cfg)
+    device, model = setup_device_and_model(cfg)
+    specs = [s.strip() for s in str(cfg.get("runs") or "").split(",") if s.strip()]
+    runs = [read_run(s, model.schedule, cfg) for s in specs]
+    nfes = parse_nfes(cfg.get("nfes"))
+    if not nfes and not runs:
+        nfes = [int(cfg["steps"])]
+    default = Path("samples") / _stem(cfg) / f"compare_{cfg['solver_name']}_{cfg['metric']}"
+    out_dir = Path(cfg["out_dir"] or default)
+    tab = compare(cfg, model, device, runs, nfes, cfg["metric"], int(cfg["num_samples"]),
+                  int(cfg["sampling_batch_size"]))
+    save_config(cfg, out_dir / "compare_config.yml")
+    paths = write_outputs(tab, out_dir, _command(argv))
+    print(to_markdown(tab))
+    log.info("table: %s, %s; plot: %s", paths["md"], paths["csv"], paths["png"])
+    return out_dir
+
+
+# --------------------------------------------------------------------------- sample
+def _metric_set(cfg: dict, model) -> set[str]:
+    from ld3.fid import is_digits
+
+    raw = {s.strip() for s in str(cfg["metrics"]).split(",") if s.strip()}
+    bad = raw - {"auto", "none", "teacher", "fid", "digits"}
+    if bad:
+        raise UserError(f"--metrics: unknown {', '.join(sorted(bad))}; choose from teacher, fid, digits, "
+                        "none, auto")
+    if "none" in raw:
+        return set()
+    if "auto" in raw:
+        raw.discard("auto")
+        raw.add("teacher")
+        if is_digits(model):
+            raw.add("digits")
+        elif cfg.get("ref_path"):
+            if Path(cfg["ref_path"]).is_file():
+                raw.add("fid")
+            else:
+                log.warning("FID skipped: --ref_path %s not found (pass --metrics fid to make that an error)",
+                            cfg["ref_path"])
+    return raw
+
+
+def _distances(cfg: dict, device: torch.device) -> dict:
+    from ld3.losses import _vgg_weights_file, make_distance
+
+    out = {}
+    default = str(cfg["teacher_distances"]) == EXTRA["teacher_distances"].default
+    for name in [s.strip() for s in str(cfg["teacher_distances"]).split(",") if s.strip()]:
+        if name not in ("L2", "L1", "LPIPS"):
+            raise UserError(f"--teacher_distances: unknown {name!r}; choose from L2, L1, LPIPS")
+        if name == "LPIPS" and default and not _vgg_weights_file().is_file():
+            log.info("LPIPS skipped: no VGG16 weights at %s (put them there, or ask for LPIPS with "
+                     "--teacher_distances, which downloads them)", _vgg_weights_file())
+            continue
+        try:
+            out[name] = make_distance(name, device, int(cfg.get("lpips_size") or 224))
+        except UserError as e:
+            if name != "LPIPS":
+                raise
+            log.warning("LPIPS skipped: %s", e)
+    return out
+
+
+def _teacher_files(cfg: dict, model, n: int):
+    """(z, c, uc, images) of the first ``n`` files of the teacher folder ``--data_dir``, or None if it holds none."""
+    from ld3.data import list_sample_files, load_samples
+
+    folder = Path(cfg["data_dir"])
+    try:
+        count = len(list_sample_files(folder))
+    except UserError:
+        return None
+    if count < n:
+        log.warning("%s holds %d teacher samples: measuring on %d, not %d", folder, count, count, n)
+        n = count
+    img_shape = tuple(model.info.get("img_shape", model.latent_shape))
+    data = load_samples(folder, n, model.latent_shape, img_shape)
+    return data.latent, data.c, data.uc, data.img
+
+
+def run_sample(cfg: dict, argv: list[str] | None) -> Path:
+    from ld3.data import save_pngs, to_uint8
+    from ld3.evaluate import (fresh_noise, sampling_seed, save_grid_png, save_npz, teacher_config,
+                              teacher_times)
+    from ld3.sampling import chunked, sample_batches
+
+    check_positive(cfg, "num_samples", "sampling_batch_size")
+    steps = check_solver_options(cfg)
+    device, model = setup_device_and_model(cfg)
+    solver = cfg["solver_name"]
+    if cfg.get("load_from"):
+        from ld3.export import read_run
+
+        run = read_run(cfg["load_from"], model.schedule, cfg)
+        if run.solver != solver:
+            log.warning("%s was learned for %s; sampling with %s as asked", run.path, run.solver, solver)
+        elif run.order is not None and cfg.get("order") is not None and int(run.order) != int(cfg["order"]):
+            log.warning("%s was learned with order %s; sampling with order %s as asked", run.path, run.order,
+                        cfg["order"])
+        t, tp, label = run.t, run.tp, "ld3"
+        steps = t.numel() - 1
+    else:
+        if cfg.get("skip_type") is None:
+            raise UserError("give --load_from RUN/best_v2.pt or a baseline --skip_type")
+        t = baseline_times(cfg, model, cfg["skip_type"], steps, int(cfg["steps"]))
+        tp, label = None, cfg["skip_type"]
+    from ld3.samplers.solvers import nfe_of
+
+    nfe = nfe_of(solver, steps)
+    seed = sampling_seed(cfg)
+    n, bs = int(cfg["num_samples"]), int(cfg["sampling_batch_size"])
+    wanted = _metric_set(cfg, model)
+
+    # the noise: a teacher folder's latents (then its images are the teacher's), or fresh noise
+    files = _teacher_files(cfg, model, n) if cfg.get("data_dir") and "teacher" in wanted else None
+    if files is not None:
+        n = files[0].shape[0]
+        noise_label = f"{Path(cfg['data_dir']).name}"
+    else:
+        noise_label = f"seed{seed}"
+    out_dir = Path(cfg["out_dir"] or Path("samples") / _stem(cfg) / f"{label}_{solver}_NFE{nfe}_{noise_label}")
+
+    # load what the metrics need before sampling, so that a missing file stops at once
+    fid = judge = None
+    dists: dict = {}
+    if "fid" in wanted:
+        from ld3.fid import FID
+
+        fid = FID(cfg.get("ref_path"), device, cfg.get("inception_weights"))
+    if "digits" in wanted:
+        from ld3.fid import DigitsJudge
+
+        judge = DigitsJudge(seed=seed)
+    k_teacher = 0
+    teacher_roll = tgrid = None
+    if "teacher" in wanted:
+        dists = _distances(cfg, device)
+        k_teacher = n if cfg.get("teacher_samples") is None else max(0, min(n, int(cfg["teacher_samples"])))
+        if files is None:
+            tspec, t_teacher = teacher_times(cfg, model)
+            teacher_roll = Rollout(model, tspec)
+            tgrid = teacher_roll.grid(t_teacher.to(device), device=device)
+
+    def draw(idx: list[int]):
+        if files is None:
+            z, c, uc = fresh_noise(cfg, model, len(idx), device, idx[0])
+            return z, c, uc
+        sl = slice(idx[0], idx[-1] + 1)
+        return files[0][sl], None if files[1] is None else files[1][sl], None if files[2] is None else files[2][sl]
+
+    roll = Rollout(model, SolverSpec.from_cfg(cfg))
+    grid = roll.grid(t.to(device), None if tp is None else tp.to(device), device=device)
+    chunks, sums = [], {k: 0.0 for k in dists}
+    for b in sample_batches(roll, grid, chunked(range(n), bs), draw, device, desc=f"{label} NFE {nfe}"):
+        start, m, img = b.indices[0], len(b.indices), b.images
+        chunks.append(to_uint8(img))
+        if cfg.get("save_png"):
+            save_pngs(out_dir / "images", b.indices, img)
+        kt = min(m, k_teacher - start)
+        if dists and kt > 0:
+            if files is not None:
+                ti = files[3][start:start + kt].to(device)
+            else:
+                with torch.no_grad():
+                    ti = teacher_roll(b.z[:kt].to(device), tgrid, None if b.c is None else b.c[:kt],
+                                      None if b.uc is None else b.uc[:kt])
+            for name, d in dists.items():
+                sums[name] += float(d(img[:kt].float(), ti.float()).sum())
+    import numpy as np
+
+    arr = np.concatenate(chunks)
+    save_npz(out_dir / "samples.npz", arr)
+    as_float = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+    save_grid_png(out_dir / "grid.png", as_float[:max(1, int(cfg["grid_size"]))])
+
+    report: dict = {"num_samples": n, "noise": "teacher files" if files is not None else "fresh",
+                    "sampling_seed": None if files is not None else seed, "solver": solver,
+                    "order": cfg.get("order"), "nfe": nfe, "steps": steps, "discretization": label,
+                    "load_from": cfg.get("load_from"), "t": t.tolist(),
+                    "t_prime": (tp if tp is not None else t).tolist()}
+    if dists and k_teacher > 0:
+        if files is not None:
+            report["teacher"] = {"files": str(cfg["data_dir"]), "samples": k_teacher}
+        else:
+            tcfg = teacher_config(cfg)
+            report["teacher"] = {"solver": tcfg["solver_name"], "nfe": int(tcfg["steps"]),
+                                 "skip_type": tcfg["skip_type"], "samples": k_teacher}
+        report["teacher"].update({k: v / k_teacher for k, v in sums.items()})
+    if fid is not None:
+        report["fid"] = fid(arr)
+        report["fid_ref"] = str(cfg["ref_path"])
+        if n < 50000:
+            log.warning("FID from %d samples is biased upwards; papers use 50000", n)
+    if judge is not None:
+        report["digits"] = judge(as_float)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
+    save_config({**cfg, "command": _command(argv)}, out_dir / "sample_config.yml")
+    _print_report(report, out_dir)
+    return out_dir
+
+
+def _print_report(r: dict, out_dir: Path) -> None:
+    lines = [f"{r['num_samples']} samples, {r['discretization']}, {r['solver']} NFE {r['nfe']} -> {out_dir}"]
+    if "teacher" in r:
+        te = r["teacher"]
+        ds = ", ".join(f"{k} {te[k]:.5g}" for k in ("L2", "L1", "LPIPS") if k in te)
+        which = f"the files of {te['files']}" if "files" in te else f"{te['solver']} {te['nfe']} NFE"
+        lines.append(f"  distance to the teacher ({which}, {te['samples']} samples): {ds}")
+    if "fid" in r:
+        lines.append(f"  FID {r['fid']:.4g} (against {r['fid_ref']})")
+    if "digits" in r:
+        d = r["digits"]
+        lines.append(f"  digits: Frechet {d['frechet']:.4g} ({d['n']} samples) | floor "
+                     f"{d['frechet_floor']:.4g} (held-out vs train, {d['n_floor']}) | samples at that count "
+                     f"{d['frechet_matched']:.4g} | confident {100 * d['confident_share']:.1f}%")
+        hist = d["class_histogram"]
+        lines.append("  class histogram: " + " ".join(f"{i}:{h:.2f}" for i, h in enumerate(hist)))
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    setup_logging()
+    cfg = parse_config(argv, description=__doc__.split("\n")[0], extra=EXTRA)
+    modes = [k for k in ("export", "compare") if cfg.get(k)]
+    if len(modes) > 1:
+        raise UserError("give either --export or --compare, not both")
+    if cfg.get("export"):
+        return run_export(cfg)
+    if cfg.get("compare"):
+        return run_compare(cfg, argv)
+    return run_sample(cfg, argv)
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -235,3 +235,23 @@ def test_bad_values_in_yml(tmp_path, capsys, data, text, needles):
     check(capsys, ld3_main.main, argv, *needles, root=tmp_path)
     check(capsys, gen_data.main, ["--all_config", str(cfg), "--data_dir", str(tmp_path / "d")], *needles,
           root=tmp_path)
+
+
+@pytest.mark.parametrize("fn,own,foreign", [
+    (gen_data.main, ["--total_samples", "--save_png", "--noise"], ["--lr_time_1", "--num_train", "--teacher_samples"]),
+    (ld3_main.main, ["--lr_time_1", "--num_train", "--valid_every"], ["--total_samples", "--teacher_samples"]),
+], ids=["gen_data", "main"])
+def test_help_lists_own_options_with_the_configs_values(capsys, tmp_path, fn, own, foreign):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("model: digits_gmm\nsteps: 7\nlr_time_1: 0.003\ntotal_samples: 33\n")
+    with pytest.raises(SystemExit) as e:
+        fn(["--all_config", str(cfg), "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in own:
+        assert f"  {flag} " in out, flag
+    for flag in foreign:
+        assert f"  {flag} " not in out, flag
+    assert "[now 7]" in out  # steps, from the yml
+    assert "[now 0.003]" in out or "[now 33]" in out
+    assert "solver:" in out and "model:" in out

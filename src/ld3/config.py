@@ -272,11 +272,39 @@ PAPER_VALUES: dict[str, Any] = {
 """What ``--paper_compat`` sets: the paper code's value of every option where we depart from it."""
 
 
-def _add_flag(p: argparse.ArgumentParser, name: str, opt: Opt | None, default: Any = argparse.SUPPRESS) -> None:
+# --help: each command lists only its own options, grouped; the others are accepted (one yml serves all three)
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "ckp_path", "config", "H", "W", "C", "f", "schedule", "dataset", "use_ema", "scale",
+              "num_prompts", "prompt_path", "gmm_components", "device", "low_gpu", "threads"),
+    "solver": ("solver_name", "steps", "order", "skip_type", "unipc_variant", "lower_order_final", "final_denoise",
+               "dpmpp_3m", "arithmetic", "load_from", "learn", "use_gits", "gits_ts"),
+    "teacher data": ("total_samples", "sampling_batch_size", "data_dir", "save_pt", "save_png", "seed", "noise"),
+    "training data": ("data_dir", "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size",
+                      "log_path", "seed", "resume"),
+    "learning": ("loss_type", "lpips_size", "time_mode", "training_rounds_v1", "training_rounds_v2", "no_v1",
+                 "lr_time_1", "lr_time_2", "momentum_time_1", "weight_decay_time_1", "min_lr_time_1",
+                 "min_lr_time_2", "lr_time_decay", "patient", "lr2_patient", "shift_lr", "shift_lr_decay",
+                 "prior_bound", "fix_bound", "win_rate", "match_prior", "valid_every", "eval_on_one", "latent_step",
+                 "latent_check", "reload_latents", "window", "order_rng", "visualize", "eval_fresh", "sampling_seed"),
+    "sampling": ("data_dir", "sampling_batch_size", "sampling_seed", "teacher", "ref_path", "fid_folder",
+                 "save_png", "seed"),
+    "reproducibility and reuse": ("paper_compat", "overwrite"),
+}
+SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
+    "gen_data": ("model", "solver", "teacher data", "reproducibility and reuse"),
+    "main": ("model", "solver", "training data", "learning", "reproducibility and reuse"),
+    "sample": ("model", "solver", "sampling", "reproducibility and reuse"),
+}
+
+
+def _add_flag(p, name: str, opt: Opt | None, default: Any = argparse.SUPPRESS, shown: Any = None,
+              hidden: bool = False) -> None:
+    """One flag; ``shown`` is the value the run would use (the yml's, else the table's), for --help."""
     if opt is None:
-        p.add_argument(f"--{name}", default=default, help="(from the yml file)")
+        p.add_argument(f"--{name}", default=default, help=argparse.SUPPRESS if hidden else "(from the yml file)")
         return
-    kw: dict[str, Any] = dict(default=default, help=f"{opt.help} [default {opt.default!r}]")
+    kw: dict[str, Any] = dict(default=default,
+                              help=argparse.SUPPRESS if hidden else f"{opt.help} [now {shown!r}]")
     if opt.type is str2bool:
         kw.update(nargs="?", const=True, type=str2bool, metavar="BOOL")
     else:
@@ -304,8 +332,10 @@ def load_yml(path: str | None) -> dict:
 
 
 def parse_config(argv: list[str] | None = None, description: str = "", extra: dict[str, Opt] | None = None,
-                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Resolve options: table defaults < yml (``--all_config``) < command line. Returns a dict."""
+                 defaults: dict[str, Any] | None = None, script: str | None = None) -> dict[str, Any]:
+    """Resolve options: table defaults < yml (``--all_config``) < command line. Returns a dict.
+
+    ``script`` (gen_data, main, sample): its --help lists only its option groups (all are accepted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     table = dict(OPTIONS)
     table.update(extra or {})
@@ -316,17 +346,37 @@ def parse_config(argv: list[str] | None = None, description: str = "", extra: di
     if known.all_config is not None or not any(a in ("-h", "--help") for a in argv):
         yml = load_yml(known.all_config)
 
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(usage="%(prog)s --all_config FILE [--option value ...]", description=description, epilog=(
+        f"[now ...]: the value of {known.all_config}, else the built-in default." if known.all_config else
+        "Give --all_config FILE --help to see the values that file sets."))
     parser.add_argument("--all_config", required=False, help="yml file with the default of every argument (mandatory)")
-    for name, opt in table.items():
-        _add_flag(parser, name, opt)
+
+    def shown(name: str, opt: Opt) -> Any:
+        return yml[name] if yml.get(name) is not None else opt.default
+
+    added: set[str] = set()
+    if script in SCRIPT_GROUPS:
+        for title in SCRIPT_GROUPS[script]:
+            group = parser.add_argument_group(title)
+            for name in HELP_GROUPS[title]:
+                if name in table and name not in added:
+                    _add_flag(group, name, table[name], shown=shown(name, table[name]))
+                    added.add(name)
+        if extra:
+            group = parser.add_argument_group(f"{script}.py")
+            for name, opt in extra.items():
+                if name not in added:
+                    _add_flag(group, name, opt, shown=shown(name, opt))
+                    added.add(name)
+    for name, opt in table.items():  # every other option: accepted, not listed
+        if name not in added:
+            _add_flag(parser, name, opt, shown=shown(name, opt), hidden=script in SCRIPT_GROUPS)
     for key in yml:
         if key not in table:
             near = difflib.get_close_matches(key, list(table), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             log.warning("config key %r is not a known option%s; it is kept but unused", key, hint)
-            _add_flag(parser, key, None)
+            _add_flag(parser, key, None, hidden=True)
 
     def fail(msg: str) -> None:
         msg = msg.splitlines()[0]

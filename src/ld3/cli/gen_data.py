@@ -67,7 +67,7 @@ def noise_source(cfg: dict, model, device: torch.device):
 
 def main(argv: list[str] | None = None) -> Path:
     setup_logging()
-    cfg = parse_config(argv, description=__doc__.split("\n")[0])
+    cfg = parse_config(argv, description=__doc__.split("\n")[0], script="gen_data")
     check_positive(cfg, "total_samples", "sampling_batch_size")
     steps = check_solver_options(cfg)
     device, model = setup_device_and_model(cfg)

@@ -57,7 +57,7 @@ def is_trained(run_dir: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> Path:
     setup_logging()
-    cfg = parse_config(argv, description=__doc__.split("\n")[0])
+    cfg = parse_config(argv, description=__doc__.split("\n")[0], script="main")
     if cfg["order_rng"] == "global":  # the paper's set_seed_everything, before anything draws
         torch.manual_seed(int(cfg["seed"]))
     check_positive(cfg, "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size")

@@ -316,7 +316,7 @@ def _print_report(r: dict, out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     setup_logging()
-    cfg = parse_config(argv, description=__doc__.split("\n")[0], extra=EXTRA)
+    cfg = parse_config(argv, description=__doc__.split("\n")[0], script="sample", extra=EXTRA)
     modes = [k for k in ("export", "compare") if cfg.get(k)]
     if len(modes) > 1:
         raise UserError("give either --export or --compare, not both")

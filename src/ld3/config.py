@@ -113,8 +113,9 @@ class Opt:
 # name -> Opt. Keys and defaults follow the paper's code; ours are marked (ours).
 OPTIONS: dict[str, Opt] = {
     # model
-    "model": Opt(str, "digits_gmm", "model family: edm, digits_unet, digits_gmm, gaussian, latent_diff, "
-                 "conditioned_latent_diff (ours)"),
+    "model": Opt(str, "digits_gmm", "model family: edm (an NVIDIA EDM pickle; with ckp_path: embedded, the shipped "
+                 "digits U-Net), digits_gmm, gaussian, latent_diff, conditioned_latent_diff; digits_unet = edm with "
+                 "ckp_path embedded"),
     "ckp_path": Opt(_none_or(str), None, "checkpoint file or folder of the pre-trained model"),
     "config": Opt(_none_or(str), None, "original (CompVis) yaml config of a latent diffusion checkpoint"),
     "H": Opt(_none_or(_int), None, "decoded image height (latent models)"),

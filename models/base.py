@@ -9,7 +9,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ld3.errors import UserError
 from ld3.samplers.schedules import NoiseSchedule, VESchedule
+
+
+class ModelError(UserError):
+    """A model cannot be built from the given configuration (bad path, bad name): a user mistake, one line
+    and exit status 2 wherever it surfaces (also after loading, e.g. missing prompts)."""
+
 
 # model_fn(x, t, cond, uc) -> noise prediction eps, same shape as x; t is the schedule's
 # continuous time, a scalar tensor or one value per sample.

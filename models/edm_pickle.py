@@ -346,7 +346,7 @@ def load_edm_pickle(path: str | Path) -> Any:
 def load_edm_model(path: str | Path | None, device: torch.device | str = "cpu"):
     """``Model`` of the ``ema`` network of an EDM pickle: D(x, sigma, class_labels) on the VE schedule."""
     from ld3.models.base import edm_model
-    from ld3.models.registry import ModelError
+    from ld3.models.base import ModelError
 
     if path in (None, ""):
         raise ModelError("ckp_path is not set: point it at an EDM pickle, e.g. pretrained/edm-cifar10-32x32-uncond-vp.pkl "

@@ -773,7 +773,7 @@ def _first_stage_state(params: dict, state: dict[str, Tensor], ckp: Path) -> tup
 
 def load_latent_diffusion(cfg: dict, device: torch.device | str = "cpu") -> Model:
     """``Model`` of a CompVis latent diffusion checkpoint (``ckp_path`` + yaml ``config``), or of a diffusers folder."""
-    from ld3.models.registry import ModelError
+    from ld3.models.base import ModelError
 
     try:
         return _load(cfg)

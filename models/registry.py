@@ -13,14 +13,7 @@ import torch
 from ld3.models.base import Model
 
 
-try:  # a user mistake: one line, exit status 2, wherever it surfaces (also after loading, e.g. missing prompts)
-    from ld3.config import UserError as _UserFacing
-except ImportError:  # models used without the ld3 package
-    _UserFacing = Exception
-
-
-class ModelError(_UserFacing):
-    """A model cannot be built from the given configuration (bad path, bad name)."""
+from ld3.models.base import ModelError  # noqa: F401  (re-exported)
 
 
 def _analytic(cfg: dict, device: torch.device) -> Model:

@@ -95,7 +95,7 @@ def prompt_conditions(encoder: PromptEncoder, prompt_path: str | None, num_promp
 
     def conditions(indices: Sequence[int], seed: int = 0, device: Any = None, balanced: bool = False):
         if state["prompts"] is None:
-            from ld3.models.registry import ModelError
+            from ld3.models.base import ModelError
 
             raise ModelError("Stable Diffusion needs prompts: pass --prompt_path captions_val2014.json (fetch it with "
                              "`bash scripts/download_model.sh coco`) and --num_prompts N")

@@ -112,3 +112,26 @@ def test_every_module_imports_alone():
     assert len(mods) > 35 and "ld3.samplers.solvers" in mods and "ld3.cli.main" in mods
     r = subprocess.run([sys.executable, "-c", code, *mods], capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _ld3_imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ld3"):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("ld3"))
+    return out
+
+
+@pytest.mark.parametrize("layer,allowed", [
+    ("samplers", ("ld3.samplers", "ld3.errors")),
+    ("models", ("ld3.models", "ld3.samplers", "ld3.errors")),
+])
+def test_layers_import_only_below(layer, allowed):
+    """samplers know no model; models know no trainer, config or CLI (function-level imports included)."""
+    for p in sorted((ROOT / layer).glob("*.py")):
+        bad = {m for m in _ld3_imports(p) if not m.startswith(allowed)}
+        assert not bad, (p.name, bad)

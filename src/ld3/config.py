@@ -18,11 +18,9 @@ from typing import Any
 
 import yaml
 
+from ld3.errors import UserError  # re-exported: ld3.config.UserError
+
 log = logging.getLogger("ld3")
-
-
-class UserError(Exception):
-    """A mistake the user can fix: reported as one line, exit status 2."""
 
 
 def str2bool(v: Any) -> bool:

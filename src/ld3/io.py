@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ld3.config import UserError
+from ld3.errors import UserError
 
 log = logging.getLogger("ld3")
 
@@ -62,8 +62,6 @@ class FolderLock:
             f.seek(0)
             pid = f.read().strip() or "unknown"
             f.close()
-            from ld3.config import UserError
-
             raise UserError(f"{self.what} {self.folder} is being written by another process (pid {pid}); wait "
                             "for it to finish, or use another folder") from None
         f.seek(0)

@@ -352,9 +352,6 @@ def load_edm_model(path: str | Path | None, device: torch.device | str = "cpu"):
         raise ModelError("ckp_path is not set: point it at an EDM pickle, e.g. pretrained/edm-cifar10-32x32-uncond-vp.pkl "
                          f"(fetch it with `{download_hint('cifar10')}`)")
     p = Path(str(path)).expanduser()
-    repo = Path(__file__).resolve().parents[1]
-    if not p.is_file() and not p.is_absolute() and (repo / p).is_file():
-        p = repo / p  # configs name repository paths (pretrained/...); accept them from any working directory
     if not p.is_file():
         raise ModelError(f"EDM checkpoint {path} not found: download it with `{download_hint(p)}` "
                          "(or set ckp_path to an existing edm-*.pkl)")

@@ -40,11 +40,11 @@ import yaml
 from torch import Tensor, nn
 
 from ld3.models.base import Model, index_generator
+from ld3.resources import shipped
 from ld3.samplers.schedules import VPDiscreteSchedule
 
 log = logging.getLogger("ld3")
 
-ROOT = Path(__file__).resolve().parents[1]
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 COND_PREFIX = "cond_stage_model."
@@ -56,14 +56,14 @@ class LDMError(Exception):
 
 # --------------------------------------------------------------------------- files
 def resolve(path: str | Path | None) -> Path | None:
-    """``path`` as given if it exists, else relative to the repository root (configs use repo paths)."""
+    """``path`` as given (relative to the working directory) if it exists, else the packaged copy of a
+    ``configs/...`` file (the paper's configs name ``configs/latent-diffusion/*.yaml``)."""
     if path in (None, ""):
         return None
     p = Path(str(path)).expanduser()
     if p.exists() or p.is_absolute():
         return p
-    q = ROOT / p
-    return q if q.exists() else p
+    return shipped(p) or p
 
 
 def download_name(path: str | Path | None, yaml_cfg: dict | None = None) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ld3.models.latent_diffusion import (ROOT, LatentDiffusionNet, LDMError, download_hint, make_model, resolve)
+from ld3.models.latent_diffusion import (LatentDiffusionNet, LDMError, download_hint, make_model, resolve)
 from ld3.samplers.schedules import VPDiscreteSchedule
 
 log = logging.getLogger("ld3")
@@ -117,10 +117,10 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def clip_folder_candidates(version: str, yaml_path: Path | None) -> list[Path]:
     name = Path(version).name
-    cands = [Path(version).expanduser(), ROOT / version]
+    cands = [Path(version).expanduser()]
     if yaml_path is not None:
         cands.append(yaml_path.parent / version)
-    cands += [Path("pretrained") / name, ROOT / "pretrained" / name]
+    cands += [Path("pretrained") / name]
     for sub in ("tokenizer",):
         cands += [c / sub for c in list(cands)]
     seen, out = set(), []

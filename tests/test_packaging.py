@@ -47,6 +47,8 @@ def test_wheel_holds_one_namespace(installed):
     top = {p.name for p in installed.iterdir() if not p.name.endswith((".dist-info", "__pycache__")) and p.name != "bin"}
     assert top == {"ld3"}, top
     assert (installed / "ld3" / "models" / "weights" / "digits_edm_unet.safetensors").is_file()
+    assert (installed / "ld3" / "configs" / "cifar10.yml").is_file()
+    assert (installed / "ld3" / "configs" / "latent-diffusion" / "cin256-v2.yaml").is_file()
 
 
 def test_installed_clis_run_beside_a_paper_style_layout(installed, tmp_path):
@@ -58,7 +60,6 @@ def test_installed_clis_run_beside_a_paper_style_layout(installed, tmp_path):
     (work / "models").mkdir()
     (work / "models" / "__init__.py").write_text("")
     (work / "models" / "base.py").write_text("class Model:\n    pass\n")
-    shutil.copy2(ROOT / "configs" / "digits_gmm.yml", work / "digits_gmm.yml")
     env = _env(installed)
     r = subprocess.run([sys.executable, "-c", "import samplers.uni_pc, models.base, ld3, ld3.models.base; "
                         "print(samplers.uni_pc.NAME, ld3.__file__)"], cwd=work, env=env, capture_output=True,
@@ -66,7 +67,7 @@ def test_installed_clis_run_beside_a_paper_style_layout(installed, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "the user code" in r.stdout and str(installed) in r.stdout
     bin_dir = installed / "bin"
-    common = ["--all_config", "digits_gmm.yml"]
+    common = ["--all_config", "configs/digits_gmm.yml"]  # not in the working directory: the packaged copy
     steps = [
         ["ld3-gen-data", *common, "--total_samples", "6", "--sampling_batch_size", "6", "--steps", "8", "--save_pt",
          "--data_dir", "data"],
@@ -128,7 +129,7 @@ def _ld3_imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer,allowed", [
     ("samplers", ("ld3.samplers", "ld3.errors")),
-    ("models", ("ld3.models", "ld3.samplers", "ld3.errors")),
+    ("models", ("ld3.models", "ld3.samplers", "ld3.errors", "ld3.resources")),
 ])
 def test_layers_import_only_below(layer, allowed):
     """samplers know no model; models know no trainer, config or CLI (function-level imports included)."""

@@ -318,6 +318,10 @@ def load_yml(path: str | None) -> dict:
         raise UserError("--all_config is required: pass a yml file, e.g. --all_config configs/digits.yml")
     p = Path(path)
     if not p.is_file():
+        from ld3.resources import shipped
+
+        p = shipped(p) or p  # the paper's configs/*.yml, packaged: the same command works from any folder
+    if not p.is_file():
         raise UserError(f"config file {path} not found: pass an existing yml, e.g. --all_config configs/digits.yml")
     try:
         data = yaml.safe_load(p.read_text()) or {}

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-slow test-all bench bench-short clean-venv
+.PHONY: install demo test test-slow test-all bench bench-short bench-gpu bench-gpu-tiny clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: install
 
 bench-short: install
 	$(BIN)/python bench/bench.py --short --out bench/out_short
+
+bench-gpu: install
+	$(BIN)/python bench/gpu.py
+
+bench-gpu-tiny: install
+	$(BIN)/python bench/gpu.py --tiny --out bench/out_gpu_tiny
 
 clean-venv:
 	rm -rf $(VENV)

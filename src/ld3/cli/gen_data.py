@@ -9,6 +9,7 @@ Files go to ``{data_dir}/{solver_name}_NFE{steps}_{skip_type}_seed{seed}/``. Noi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ld3 import distributed
 from ld3.config import parse_config, run_cli, save_config, setup_logging
 from ld3.io import FolderLock, atomic_write_text, background_executor, remove_stale_temporaries
 from ld3.data import noise_for_indices, sample_path, save_pngs, save_sample
@@ -68,6 +70,14 @@ def noise_source(cfg: dict, model, device: torch.device):
 def main(argv: list[str] | None = None) -> Path:
     setup_logging()
     cfg = parse_config(argv, description=__doc__.split("\n")[0], script="gen_data")
+    place = distributed.init(cfg)  # under torchrun: this rank's share of the batches
+    try:
+        return _generate(cfg, place)
+    finally:
+        place.close()
+
+
+def _generate(cfg: dict, place: distributed.Place) -> Path:
     check_positive(cfg, "total_samples", "sampling_batch_size")
     steps = check_solver_options(cfg)
     device, model = setup_device_and_model(cfg)
@@ -92,10 +102,12 @@ def main(argv: list[str] | None = None) -> Path:
     if not (cfg["save_pt"] or cfg["save_png"]):
         log.warning("neither --save_pt nor --save_png given: samples are computed but not saved")
     identity = teacher_identity(cfg, model)
-    check_data_folder(out, identity, bool(cfg.get("overwrite")))
-    out.mkdir(parents=True, exist_ok=True)
-    if remove_stale_temporaries(out):
-        log.info("removed temporary files of an interrupted run in %s", out)
+    if place.main:  # one rank checks (and with --overwrite clears) the folder; the others wait for it
+        check_data_folder(out, identity, bool(cfg.get("overwrite")))
+        out.mkdir(parents=True, exist_ok=True)
+        if remove_stale_temporaries(out):
+            log.info("removed temporary files of an interrupted run in %s", out)
+    place.barrier()
     n, bs = int(cfg["total_samples"]), int(cfg["sampling_batch_size"])
 
     def done(idx: list[int]) -> bool:
@@ -110,16 +122,26 @@ def main(argv: list[str] | None = None) -> Path:
     # every sample is computed in the batch an uninterrupted run computes it in: a resumed run writes
     # the same bytes
     chunks = chunked(range(n), bs)
-    n_batches = sum(1 for c in chunks if not done(c))
-    todo = sum(len(c) for c in chunks if not done(c))
+    open_chunks = [c for c in chunks if not done(c)]
+    todo = sum(len(c) for c in open_chunks)
     if todo == 0:
         log.info("all %d samples are already in %s (made by the same model and options): nothing to do", n, out)
         return out
     if todo < n:
         log.info("%d of %d samples already in %s; generating the other %d", n - todo, n, out, todo)
-    with FolderLock(out, "data folder"):  # one writer at a time
-        save_config({**cfg, "teacher_steps_S": steps}, out / "gen_config.yml")
-        write_identity(out, identity)
+    if place.active:
+        log.info("%d processes share the %d batches (round robin)", place.world, len(chunks))
+    owner = {c[0]: k for k, c in enumerate(chunks)}
+
+    def skip(idx: list[int]) -> bool:  # done, or another rank's batch
+        return not place.owns(owner[idx[0]]) or done(idx)
+
+    mine = [c for c in open_chunks if place.owns(owner[c[0]])]
+    lock = FolderLock(out, "data folder") if place.main else contextlib.nullcontext()
+    with lock:  # one writer at a time (under torchrun: one job, its rank 0 holds the lock)
+        if place.main:
+            save_config({**cfg, "teacher_steps_S": steps}, out / "gen_config.yml")
+            write_identity(out, identity)
         rollout = Rollout(model, SolverSpec.from_cfg(cfg), timed=True)
         grid = rollout.grid(t, tp, device=device)  # the solver's coefficients: the same times for every batch
         png_mode = "paper" if cfg["arithmetic"] == "paper" else "round"
@@ -129,8 +151,8 @@ def main(argv: list[str] | None = None) -> Path:
         # batch, were measured slower: on 2 cores they slow the network down more than they save.)
         pending: list[Future] = []
         with background_executor(device, _warm_writer) as writer:
-            for b in sample_batches(rollout, grid, chunks, noise_source(cfg, model, device), device, skip=done,
-                                    desc="teacher"):
+            for b in sample_batches(rollout, grid, chunks, noise_source(cfg, model, device), device, skip=skip,
+                                    desc="teacher" if place.main else None):
                 z, img, c, uc = (v.detach().cpu() if isinstance(v, torch.Tensor) else v
                                  for v in (b.z, b.images, b.c, b.uc))
                 pending.append(writer.submit(write_batch, out, b.indices, z, img, c, uc, bool(cfg["save_pt"]),
@@ -139,14 +161,17 @@ def main(argv: list[str] | None = None) -> Path:
                     pending.pop(0).result()
             for f in pending:
                 f.result()
+        place.barrier()  # every rank's files are written
         wall = time.perf_counter() - t_start
-        net_s = rollout.fn.clock.forward_s
-        stats = {"images": todo, "wall_s": wall, "network_s": net_s,
+        calls, net_s, batches = place.sum([rollout.fn.calls, rollout.fn.clock.forward_s, len(mine)])
+        net_s /= place.world  # the ranks run side by side: the mean network time of one
+        stats = {"images": todo, "wall_s": wall, "network_s": net_s, "processes": place.world,
                  "images_per_s": todo / wall if wall > 0 else None,
                  "network_bound_images_per_s": todo / net_s if net_s > 0 else None,
                  "share_of_bound": net_s / wall if wall > 0 else None,
-                 "network_calls_per_sample": rollout.fn.calls / n_batches}
-        atomic_write_text(out / "gen_stats.json", json.dumps(stats, indent=1))
+                 "network_calls_per_sample": calls / batches if batches else 0}
+        if place.main:
+            atomic_write_text(out / "gen_stats.json", json.dumps(stats, indent=1))
         log.info("%d samples in %s: %.1f images/s (%.0f%% of the network-only bound), %d network calls per sample",
                  n, out, stats["images_per_s"] or 0, 100 * (stats["share_of_bound"] or 0),
                  stats["network_calls_per_sample"])

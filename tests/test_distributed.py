@@ -1,0 +1,43 @@
+"""gen_data.py under torchrun (gloo, 2 CPU processes): the same files as one process, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = str(ROOT / "configs" / "digits_gmm.yml")
+
+pytestmark = pytest.mark.slow
+
+
+def gen(root: Path, *extra: str, ranks: int = 1, n: int = 23) -> Path:
+    args = [str(ROOT / "gen_data.py"), "--all_config", CFG, "--total_samples", str(n), "--sampling_batch_size", "5",
+            "--steps", "8", "--save_pt", "--save_png", "--data_dir", str(root), *extra]
+    cmd = [sys.executable, *args] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "uni_pc_NFE8_edm_seed0"
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".pt", ".png")}
+
+
+@pytest.mark.parametrize("noise", ["index", "paper"])
+def test_two_ranks_write_the_files_of_one(tmp_path, noise):
+    one = files(gen(tmp_path / "one", "--noise", noise))
+    two = files(gen(tmp_path / "two", "--noise", noise, ranks=2))
+    assert len(one) == 46 and one == two
+
+
+def test_resume_with_another_number_of_ranks(tmp_path):
+    """A run stopped after 12 samples (one process) and finished by two ranks: the files of one whole run."""
+    gen(tmp_path / "r", n=12)
+    resumed = files(gen(tmp_path / "r", ranks=2))
+    assert resumed == files(gen(tmp_path / "whole"))

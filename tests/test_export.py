@@ -195,3 +195,17 @@ def test_edm_karras_ramp_in_diffusers_edm_scheduler():
                           final_sigmas_type="sigma_min")
     s.set_timesteps(sigmas=torch.tensor(d["edm_karras_ramp"]))
     assert s.sigmas[:-1].tolist() == pytest.approx(d["sigmas"][:-1], rel=1e-5)
+
+
+def test_export_carries_the_solver_options_of_the_run(tmp_path):
+    """Every option that changes a step travels in the JSON, as the run used it (else the solver's default)."""
+    sch = VESchedule()
+    ck = checkpoint_dict(LearnedDiscretization(sch, 4, "lambda"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yml").write_text("solver_name: uni_pc\nsteps: 4\norder: 3\nunipc_variant: bh1\n"
+                                                 "lower_order_final: false\n")
+    d = _export(tmp_path, ck)
+    assert d["solver_options"] == {"variant": "bh1", "lower_order_final": False, "final_denoise": False}
+    (tmp_path / "run" / "config.yml").write_text("solver_name: dpm_solver++\nsteps: 4\norder: 3\n")
+    d = _export(tmp_path, ck)
+    assert d["solver_options"] == {"lower_order_final": True, "third_order": "exact", "final_denoise": False}

@@ -153,9 +153,17 @@ def karras_ramp(sigmas: list[float], sigma_min: float, sigma_max: float, rho: fl
     return [(s ** (1 / rho) - a) / (b - a) for s in sigmas]
 
 
+def solver_options(solver: str, run_cfg: dict) -> dict[str, Any]:
+    """Every option that changes a step of ``solver`` (its declared options, final_denoise included), as
+    the run used them: from its config.yml where set, else the solver's default."""
+    info = SOLVERS[solver]
+    return {o.name: (o.default if run_cfg.get(o.cfg_key) is None else run_cfg[o.cfg_key]) for o in info.all_options}
+
+
 def export_dict(t: Tensor, tp: Tensor, schedule: NoiseSchedule, *, solver: str, order: int | None,
-                source: str = "", model: str = "") -> dict[str, Any]:
-    """The JSON-ready export of a discretization (see the module docstring)."""
+                source: str = "", model: str = "", options: dict | None = None) -> dict[str, Any]:
+    """The JSON-ready export of a discretization (see the module docstring). ``options``: the solver's
+    options the run used (``solver_options``; default: the solver's defaults)."""
     t, tp = t.double().cpu(), tp.double().cpu()
     steps = t.numel() - 1
     lam, lam_p = schedule.lambda_(t), schedule.lambda_(tp)
@@ -168,6 +176,7 @@ def export_dict(t: Tensor, tp: Tensor, schedule: NoiseSchedule, *, solver: str, 
         "model": model,
         "solver": solver,
         "order": order,
+        "solver_options": dict(options) if options is not None else solver_options(solver, {}),
         "steps": steps,
         "nfe": nfe_of(solver, steps),
         "schedule": {"name": schedule.name, "T": schedule.T, "t_min": schedule.t_min},
@@ -178,8 +187,13 @@ def export_dict(t: Tensor, tp: Tensor, schedule: NoiseSchedule, *, solver: str, 
         "sigmas": sig + [0.0],
         "decoupled": decoupled,
     }
+    opts = out["solver_options"]
     notes = [f"Learned for {solver}" + (f" (order {order})" if order else "") +
              f", {steps} steps = {out['nfe']} NFE; it suits the same solver family best.",
+             "solver_options: what changes a step (lower_order_final: the last steps at lower order, as "
+             "k-diffusion's sample_dpmpp_2m does not and diffusers' DPMSolverMultistep does only below 15 "
+             "steps (its lower_order_final=True); variant: UniPC's B(h), diffusers' solver_type 'bh1'/'bh2'; "
+             f"final_denoise: {bool(opts.get('final_denoise'))}).",
              "sigmas = sigma/alpha at t_0..t_S then 0: k-diffusion / diffusers make len(sigmas) - 1 = S + 1 "
              "steps, the last from sigma_min to 0 (one more network call); pass sigmas[:-1] for the S "
              "learned steps ending at sigma_min."]
@@ -207,7 +221,7 @@ def export_dict(t: Tensor, tp: Tensor, schedule: NoiseSchedule, *, solver: str, 
 
 def export_run(run: LearnedRun, schedule: NoiseSchedule, model: str = "") -> dict[str, Any]:
     return export_dict(run.t, run.tp, schedule, solver=run.solver, order=run.order, source=str(run.path),
-                       model=model)
+                       model=model, options=solver_options(run.solver, run.run_cfg))
 
 
 def write_json(d: dict, path: str | Path) -> Path:

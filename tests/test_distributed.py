@@ -41,3 +41,19 @@ def test_resume_with_another_number_of_ranks(tmp_path):
     gen(tmp_path / "r", n=12)
     resumed = files(gen(tmp_path / "r", ranks=2))
     assert resumed == files(gen(tmp_path / "whole"))
+
+
+def test_sample_two_ranks_equal_one(tmp_path):
+    """sample.py under torchrun: the same samples.npz, PNGs and metrics (distances reduced over ranks)."""
+    out = {}
+    for ranks in (1, 2):
+        d = tmp_path / f"s{ranks}"
+        args = [str(ROOT / "sample.py"), "--all_config", CFG, "--skip_type", "edm", "--steps", "4", "--num_samples",
+                "23", "--sampling_batch_size", "5", "--save_png", "--out_dir", str(d)]
+        cmd = [sys.executable, *args] if ranks == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[ranks] = {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+                      if p.is_file() and p.name != "sample_config.yml"}
+    assert len(out[1]) == 23 + 3 and out[1] == out[2]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ld3 import distributed
 from ld3.config import (Opt, UserError, _int, _none_or, parse_config, run_cli, save_config,
                         setup_logging, str2bool)
 from ld3.io import atomic_write_text
@@ -174,7 +175,7 @@ def _teacher_files(cfg: dict, model, n: int):
     return data.latent, data.c, data.uc, data.img
 
 
-def run_sample(cfg: dict, argv: list[str] | None) -> Path:
+def run_sample(cfg: dict, argv: list[str] | None, place: "distributed.Place | None" = None) -> Path:
     from ld3.data import save_pngs, to_uint8
     from ld3.evaluate import (fresh_noise, sampling_seed, save_grid_png, save_npz, teacher_config,
                               teacher_times)
@@ -246,10 +247,14 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
 
     roll = Rollout(model, SolverSpec.from_cfg(cfg))
     grid = roll.grid(t.to(device), None if tp is None else tp.to(device), device=device)
+    place = place or distributed.Place()
+    batches = chunked(range(n), bs)
+    owner = {c[0]: k for k, c in enumerate(batches)}
     chunks, sums = [], {k: 0.0 for k in dists}
-    for b in sample_batches(roll, grid, chunked(range(n), bs), draw, device, desc=f"{label} NFE {nfe}"):
+    for b in sample_batches(roll, grid, batches, draw, device, desc=f"{label} NFE {nfe}" if place.main else None,
+                            skip=lambda idx: not place.owns(owner[idx[0]])):
         start, m, img = b.indices[0], len(b.indices), b.images
-        chunks.append(to_uint8(img))
+        chunks.append((start, to_uint8(img)))
         if cfg.get("save_png"):
             save_pngs(out_dir / "images", b.indices, img)
         kt = min(m, k_teacher - start)
@@ -264,7 +269,16 @@ def run_sample(cfg: dict, argv: list[str] | None) -> Path:
                 sums[name] += float(d(img[:kt].float(), ti.float()).sum())
     import numpy as np
 
-    arr = np.concatenate(chunks)
+    if place.active:  # every rank's images and distance sums, in sample order, to rank 0
+        import torch.distributed as dist
+
+        gathered: list = [None] * place.world
+        dist.all_gather_object(gathered, chunks)
+        chunks = sorted((c for part in gathered for c in part), key=lambda c: c[0])
+        sums = dict(zip(sums, place.sum(list(sums.values()))))
+        if not place.main:
+            return out_dir
+    arr = np.concatenate([a for _, a in chunks])
     save_npz(out_dir / "samples.npz", arr)
     as_float = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid_png(out_dir / "grid.png", as_float[:max(1, int(cfg["grid_size"]))])
@@ -324,7 +338,11 @@ def main(argv: list[str] | None = None) -> Path:
         return run_export(cfg)
     if cfg.get("compare"):
         return run_compare(cfg, argv)
-    return run_sample(cfg, argv)
+    place = distributed.init(cfg)  # under torchrun: this rank's share of the batches
+    try:
+        return run_sample(cfg, argv, place)
+    finally:
+        place.close()
 
 
 def cli() -> None:

@@ -44,6 +44,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ld3.config import UserError
+from ld3.distributed import Place
 from ld3.data import SampleSet
 from ld3.discretization import LearnedDiscretization, checkpoint_dict
 from ld3.io import atomic_write_text
@@ -196,11 +197,21 @@ class LD3Trainer:
                  valid: SampleSet, cfg: TrainConfig, device: torch.device | None = None,
                  rng: torch.Generator | None = None, seed: int = 0,
                  on_improve: Callable[["LD3Trainer"], None] | None = None,
-                 count_calls: Callable[[], int] | None = None):
+                 count_calls: Callable[[], int] | None = None, place: Place | None = None):
         for k in ("train_batch_size", "valid_batch_size", "valid_every", "patient"):
             if getattr(cfg, k) < 1:
                 raise UserError(f"{k} must be >= 1, got {getattr(cfg, k)}")
         self.disc, self.student, self.cfg = disc, student, cfg
+        # under torchrun: each rank rolls out its share of every batch; the sums that decisions rest on
+        # (losses, gradients, moved latents) are reduced, so every rank decides alike
+        self.place = place or Place()
+        if self.place.active and cfg.train_batch_size < self.place.world:
+            raise UserError(f"main_train_batch_size {cfg.train_batch_size} is below the {self.place.world} "
+                            "processes: give each at least one sample per batch")
+        last = len(train) % cfg.train_batch_size
+        if self.place.active and 0 < last < self.place.world:
+            raise UserError(f"the last training batch holds {last} samples, fewer than the {self.place.world} "
+                            "processes: choose num_train so that every batch has one sample per process")
         # loss time, forward and backward (not in the paper's arithmetic: the hooks regroup gradient sums)
         self.distance = Timed(distance, enabled=not getattr(student.spec, "paper", False))
         self.device = device or torch.device("cpu")
@@ -249,6 +260,38 @@ class LD3Trainer:
             self.disc.params1.copy_(snap["params1"])
             self.disc.params2.copy_(snap["params2"])
 
+    # ------------------------------------------------------------------ several processes
+    def _local(self, idx: list[int]) -> list[int]:
+        """This rank's share of batch ``idx`` (all of it in one process)."""
+        return idx[self.place.rank::self.place.world] if self.place.active else idx
+
+    def _sum(self, v: float) -> float:
+        return self.place.sum([v])[0] if self.place.active else v
+
+    def _share_rows(self, dst: Tensor, idx: list[int], loc: list[int]) -> None:
+        """After each rank updated its rows ``loc`` of ``dst``, every rank holds every row of ``idx``."""
+        if not self.place.active:
+            return
+        import torch.distributed as dist
+
+        full = torch.zeros((len(idx),) + tuple(dst.shape[1:]), dtype=dst.dtype, device=dst.device)
+        pos = {i: k for k, i in enumerate(idx)}
+        if loc:
+            full[torch.tensor([pos[i] for i in loc], device=dst.device)] = dst[torch.tensor(loc, device=dst.device)]
+        dist.all_reduce(full)  # each row comes from exactly one rank: the sum is that row
+        dst[torch.tensor(idx, device=dst.device)] = full
+
+    def _reduce_grads(self) -> None:
+        if not self.place.active:
+            return
+        import torch.distributed as dist
+
+        for p in (self.disc.params1, self.disc.params2):
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+
     def _grid(self, z: Tensor, t: Tensor, tp: Tensor):
         return self.student.grid(t, tp, dtype=z.dtype, device=self.device)
 
@@ -267,9 +310,10 @@ class LD3Trainer:
                                  f"(phase {self.phase}); the best checkpoint is kept. Try a smaller "
                                  "--lr_time_1 / --lr_time_2, or --shift_lr")
 
-    def _latent_step(self, zp: Tensor, z: Tensor, grad: Tensor) -> Tensor:
-        """One SGD step of z' (on the batch-mean loss, or on each sample's own), projected onto the ball."""
-        g = grad if self.cfg.latent_step == "mean" else grad * zp.shape[0]
+    def _latent_step(self, zp: Tensor, z: Tensor, grad: Tensor, batch: int | None = None) -> Tensor:
+        """One SGD step of z' (on the batch-mean loss, or on each sample's own), projected onto the ball;
+        ``batch``: the size of the whole batch whose mean gave ``grad`` (default: these rows)."""
+        g = grad if self.cfg.latent_step == "mean" else grad * (zp.shape[0] if batch is None else batch)
         return project(torch.add(zp, g, alpha=-self.state.shift_lr), z, self.cfg.bound)
 
     # ------------------------------------------------------------------ validation
@@ -288,10 +332,20 @@ class LD3Trainer:
             batches = batches[:1]
         total, n = 0.0, 0
         for idx in batches:
-            sel = _selector(idx)
-            c, uc = self._cond(self.valid, idx, sel)
-            loss = self._losses(zv[sel], self.img_valid[sel], c, uc, grid, "validation")
-            total += float(loss.mean()) if cfg.paper_average else float(loss.sum())
+            if self.place.active:  # this rank's share; the batch's sum over ranks
+                loc = self._local(idx)
+                part = 0.0
+                if loc:
+                    sel = _selector(loc)
+                    c, uc = self._cond(self.valid, loc, sel)
+                    part = float(self._losses(zv[sel], self.img_valid[sel], c, uc, grid, "validation").sum())
+                part = self._sum(part)
+                total += part / len(idx) if cfg.paper_average else part
+            else:
+                sel = _selector(idx)
+                c, uc = self._cond(self.valid, idx, sel)
+                loss = self._losses(zv[sel], self.img_valid[sel], c, uc, grid, "validation")
+                total += float(loss.mean()) if cfg.paper_average else float(loss.sum())
             n += 1 if cfg.paper_average else len(idx)
             self._check_finite(total, "the validation loss")
         return total / n
@@ -345,18 +399,20 @@ class LD3Trainer:
     def train_step(self, idx: list[int]) -> dict:
         """One batch: loss, backward, time step, maybe a check, the latent move. Returns its record."""
         s, cfg, disc = self.state, self.cfg, self.disc
+        full, idx = idx, self._local(idx)  # under torchrun: this rank's rows of the batch
         sel = _selector(idx)
         c, uc = self._cond(self.train, idx, sel)
         zp = s.zp_train[sel].clone().requires_grad_(True)
         t, tp = disc()
         grid = self._grid(zp, t, tp)
         losses = self._losses(zp, self.img_train[sel], c, uc, grid, "train")
-        loss = losses.mean()
-        train_loss = float(loss.detach())
+        loss = losses.sum() / len(full) if self.place.active else losses.mean()
+        train_loss = self._sum(float(loss.detach()))
         self._check_finite(train_loss, "the training loss")
         disc.params1.grad = disc.params2.grad = None  # zero_grad(set_to_none=True)
         loss.backward()
-        cand = self._latent_step(zp.detach(), self.z_train[sel], zp.grad)
+        self._reduce_grads()  # the whole batch's gradient of the time parameters, on every rank
+        cand = self._latent_step(zp.detach(), self.z_train[sel], zp.grad, len(full))
         before = losses.detach()
         new = None
         if cfg.latent_check == "same_times":  # the times that gave the gradient; their grid is reused
@@ -383,7 +439,8 @@ class LD3Trainer:
                 new = self._losses(cand, self.img_train[sel], c, uc, self._grid(cand, t, tp), "latent_moves")
         keep = (new < before).reshape(-1, *([1] * (cand.ndim - 1)))
         s.zp_train[sel] = torch.where(keep, cand, zp.detach())
-        rec["moved"] = int(keep.sum())
+        self._share_rows(s.zp_train, full, idx)
+        rec["moved"] = int(self._sum(float(keep.sum())))
         return rec
 
     def move_valid_latents(self) -> int:
@@ -399,19 +456,26 @@ class LD3Trainer:
             t, tp = self.disc()
         grid = self._grid(s.zp_valid, t, tp)
         moved = 0
-        for idx in _batches(list(range(len(self.valid))), bs):
-            sel = _selector(idx)
-            c, uc = self._cond(self.valid, idx, sel)
-            zp = s.zp_valid[sel].clone().requires_grad_(True)
-            with torch.enable_grad():
-                losses = self._losses(zp, self.img_valid[sel], c, uc, grid, "latent_moves")
-                grad, = torch.autograd.grad(losses.mean(), zp)
-            cand = self._latent_step(zp.detach(), self.z_valid[sel], grad)
-            with torch.no_grad():
-                new = self._losses(cand, self.img_valid[sel], c, uc, grid, "latent_moves")
-            keep = (new < losses.detach()).reshape(-1, *([1] * (cand.ndim - 1)))
-            s.zp_valid[sel] = torch.where(keep, cand, zp.detach())
-            moved += int(keep.sum())
+        for full in _batches(list(range(len(self.valid))), bs):
+            idx = self._local(full)  # under torchrun: this rank's rows
+            if idx:
+                sel = _selector(idx)
+                c, uc = self._cond(self.valid, idx, sel)
+                zp = s.zp_valid[sel].clone().requires_grad_(True)
+                with torch.enable_grad():
+                    losses = self._losses(zp, self.img_valid[sel], c, uc, grid, "latent_moves")
+                    mean = losses.sum() / len(full) if self.place.active else losses.mean()
+                    grad, = torch.autograd.grad(mean, zp)
+                cand = self._latent_step(zp.detach(), self.z_valid[sel], grad, len(full))
+                with torch.no_grad():
+                    new = self._losses(cand, self.img_valid[sel], c, uc, grid, "latent_moves")
+                keep = (new < losses.detach()).reshape(-1, *([1] * (cand.ndim - 1)))
+                s.zp_valid[sel] = torch.where(keep, cand, zp.detach())
+                n_moved = float(keep.sum())
+            else:
+                n_moved = 0.0
+            self._share_rows(s.zp_valid, full, idx)
+            moved += int(self._sum(n_moved))
         if s.data_valid is not None:
             s.data_valid = s.zp_valid.clone()
         return moved

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ld3 import distributed
 from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging
 from ld3.data import load_samples
 from ld3.discretization import LearnedDiscretization, checkpoint_dict
@@ -58,6 +59,14 @@ def is_trained(run_dir: Path) -> bool:
 def main(argv: list[str] | None = None) -> Path:
     setup_logging()
     cfg = parse_config(argv, description=__doc__.split("\n")[0], script="main")
+    place = distributed.init(cfg)  # under torchrun: data-parallel learning, rank 0 writes
+    try:
+        return _main(cfg, place)
+    finally:
+        place.close()
+
+
+def _main(cfg: dict, place: distributed.Place) -> Path:
     if cfg["order_rng"] == "global":  # the paper's set_seed_everything, before anything draws
         torch.manual_seed(int(cfg["seed"]))
     check_positive(cfg, "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size")
@@ -72,7 +81,11 @@ def main(argv: list[str] | None = None) -> Path:
     n_train, n_valid = int(cfg["num_train"]), int(cfg["num_valid"])
     data = load_samples(Path(cfg["data_dir"]), n_train + n_valid, model.latent_shape, img_shape)
     identity = run_identity(cfg, model, data.files)
-    reuse = check_run_folder(run_dir, identity, bool(cfg.get("overwrite")))
+    if place.main:  # rank 0 checks (and with --overwrite clears) the folder; the others then read it
+        reuse = check_run_folder(run_dir, identity, bool(cfg.get("overwrite")))
+    place.barrier()
+    if not place.main:
+        reuse = check_run_folder(run_dir, identity, False)
     if reuse and is_trained(run_dir):
         if cfg.get("resume"):
             log.info("%s is finished; --resume changes nothing", run_dir)
@@ -87,6 +100,9 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError(f"--resume: no saved state in {run_dir}; run without --resume to start it")
     if reuse and not cfg.get("resume") and any(run_dir.glob("best_v*.pt")):
         log.warning("%s holds an unfinished run; starting again (use --resume to continue it)", run_dir)
+    if not place.main:  # the other ranks learn alongside and write nothing
+        return _train(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train,
+                      n_valid, state_file, place)
     with FolderLock(run_dir, "run folder"):  # one writer at a time
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)
@@ -94,16 +110,20 @@ def main(argv: list[str] | None = None) -> Path:
         handler = setup_logging(run_dir / "log.txt")
         try:
             return _train(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train,
-                          n_valid, state_file)
+                          n_valid, state_file, place)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
 
 def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: int, bound: float, shift_lr: float,
-           lr2: float, n_train: int, n_valid: int, state_file: Path) -> Path:
-    save_config({**cfg, "bound": bound, "shift_lr": shift_lr, "lr_time_2_resolved": lr2, "S": steps,
-                 "time_mode": time_mode(cfg, model)}, run_dir / "config.yml")
+           lr2: float, n_train: int, n_valid: int, state_file: Path,
+           place: distributed.Place | None = None) -> Path:
+    place = place or distributed.Place()
+    writes = place.main
+    if writes:
+        save_config({**cfg, "bound": bound, "shift_lr": shift_lr, "lr_time_2_resolved": lr2, "S": steps,
+                     "time_mode": time_mode(cfg, model), "processes": place.world}, run_dir / "config.yml")
     log.info("run %s: %s, NFE %d (%d steps), bound %.8g, shift_lr %.8g, lr_time_2 %.8g%s", run_dir.name,
              cfg["solver_name"], nfe, steps, bound, shift_lr, lr2, " (paper_compat)" if cfg.get("paper_compat") else "")
 
@@ -115,6 +135,8 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
     rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=bool(cfg["low_gpu"]), timed=True)
 
     def on_improve(tr: LD3Trainer) -> None:  # as the paper's code: the best checkpoints at every improvement
+        if not writes:
+            return
         ck = checkpoint_dict(tr.disc)
         if tr.phase == 1:
             atomic_torch_save(ck, run_dir / "best_v1.pt")
@@ -125,33 +147,39 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
     trainer = LD3Trainer(disc, rollout, distance, data.subset(slice(0, n_train)),
                          data.subset(slice(n_train, n_train + n_valid)),
                          train_config_from(cfg, bound, shift_lr, lr2), device, rng=rng, seed=int(cfg["seed"]),
-                         on_improve=on_improve, count_calls=lambda: rollout.fn.calls)
+                         on_improve=on_improve, count_calls=lambda: rollout.fn.calls, place=place)
     if cfg.get("resume"):
         trainer.load_state_dict(safe_load(state_file, "saved state"))
         log.info("resuming after round %d (step %d)", trainer.state.round, trainer.state.step)
 
     def save_state(tr: LD3Trainer) -> None:
+        if not writes:
+            return
         atomic_torch_save(tr.state_dict(), state_file)
         save_history(tr.state.history, run_dir / "history.json")
 
     t_train = time.perf_counter()
     # Figures are drawn once, at the end (the paper's code redraws them at every new best), by a
     # helper that loads matplotlib while training runs; leaving the block waits for them.
-    with FigureHelper(device) if cfg["visualize"] else contextlib.nullcontext() as figures:
+    with FigureHelper(device) if cfg["visualize"] and writes else contextlib.nullcontext() as figures:
         try:
             result = trainer.run(save_state)
         except NumericalError as e:
+            if not writes:
+                raise UserError(str(e)) from None
             save_history(trainer.state.history, run_dir / "history.json")
             if trainer.state.best is not None:
                 trainer.load_params(trainer.state.best)
                 atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
             raise UserError(str(e)) from None
+        with torch.no_grad():
+            t, tp = disc()
+        if not writes:
+            return run_dir
         if trainer.state.best_v1 is not None:
             atomic_torch_save(trainer.state.best_v1, run_dir / "best_v1.pt")
         atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
         save_history(result.history, run_dir / "history.json")
-        with torch.no_grad():
-            t, tp = disc()
         if figures is not None:
             figures.draw("plot_schedule", model.schedule, t.cpu(), tp.cpu(), run_dir / "schedule.png",
                          f"{cfg['solver_name']} NFE {nfe}: learned vs baselines")

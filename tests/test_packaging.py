@@ -13,9 +13,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SKIP = {".git", ".venv", "train_data", "logs", "samples", "runs", "build", "dist", "__pycache__", "pretrained"}
+
+
+def _source_files() -> list[str]:
+    """The checkout's files (git's list; without git, the tree less outputs and environments)."""
+    r = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if r.returncode == 0 and r.stdout:
+        return r.stdout.decode().split("\0")
+    return [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
+            if p.is_file() and not SKIP & set(p.relative_to(ROOT).parts)
+            and not any(part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)]
+
+
 def _tracked_copy(dst: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in files.decode().split("\0"):
+    for name in _source_files():
         if not name or not (ROOT / name).is_file():
             continue
         (dst / name).parent.mkdir(parents=True, exist_ok=True)

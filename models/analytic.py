@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ld3.models.base import Model
-from ld3.samplers.schedules import NoiseSchedule, VESchedule, VPDiscreteSchedule
+from ld3.samplers.schedules import FlowSchedule, NoiseSchedule, VESchedule, VPDiscreteSchedule
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -107,7 +107,9 @@ def make_schedule(kind: str) -> NoiseSchedule:
         return VESchedule()
     if kind == "vp_discrete":
         return VPDiscreteSchedule.linear(1000)
-    raise ValueError(f"unknown schedule {kind!r} for an analytic model; choose ve or vp_discrete")
+    if kind == "flow":
+        return FlowSchedule()
+    raise ValueError(f"unknown schedule {kind!r} for an analytic model; choose ve, vp_discrete or flow")
 
 
 def gaussian_model(schedule: str | NoiseSchedule = "ve", shape: tuple[int, ...] = (1, 8, 8),

@@ -91,6 +91,22 @@ class EDMNoise(nn.Module):
         return (x - d.to(x.dtype)) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def velocity_noise_fn(velocity_fn: Callable[..., Tensor], schedule: NoiseSchedule) -> NoiseFn:
+    """A noise prediction from a model of the velocity v = dx/dt along x_t = alpha x_0 + sigma eps
+    (rectified flow: v = eps - x_0): eps = (v - f(t) x) / g(t), with (f, g) the schedule's
+    probability-flow coefficients. Every solver then runs on it unchanged."""
+
+    def noise_fn(x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
+        v = velocity_fn(x, t, cond, uc)
+        f, g = schedule.ode_coefficients(torch.as_tensor(t, dtype=x.dtype, device=x.device))
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        f = f.reshape(shape) if f.ndim else f
+        g = g.reshape(shape) if g.ndim else g
+        return (v.to(x.dtype) - f * x) / g
+
+    return noise_fn
+
+
 def edm_model(name: str, denoiser: nn.Module, img_shape: tuple[int, int, int], label_dim: int = 0,
               sigma_min: float = 0.002, sigma_max: float = 80.0, info: dict | None = None) -> Model:
     """Wrap an EDM denoiser ``D(x, sigma, class_labels)`` as a ``Model`` on the VE schedule."""

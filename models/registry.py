@@ -19,8 +19,9 @@ from ld3.models.base import ModelError  # noqa: F401  (re-exported)
 def _analytic(cfg: dict, device: torch.device) -> Model:
     from ld3.models.analytic import digits_gmm_model, gaussian_model
 
-    if cfg.get("schedule") not in ("ve", "edm", "vp_discrete"):
-        raise ModelError(f"schedule {cfg.get('schedule')!r} is not available for analytic models; use ve or vp_discrete")
+    if cfg.get("schedule") not in ("ve", "edm", "vp_discrete", "flow"):
+        raise ModelError(f"schedule {cfg.get('schedule')!r} is not available for analytic models; use ve, "
+                         "vp_discrete or flow")
     if cfg["model"] == "gaussian":
         return gaussian_model(cfg["schedule"], seed=0)
     if cfg.get("ckp_path"):  # a mixture saved to a file (the one the paper's code was run on, for instance)

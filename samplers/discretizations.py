@@ -71,6 +71,19 @@ def from_edm_sigmas(schedule: NoiseSchedule, sigmas, dtype=torch.float64) -> Ten
     return _finish(schedule.t_of_edm_sigma(sig), schedule)
 
 
+def flow_shift(schedule: NoiseSchedule, steps: int, dtype=torch.float64, shift: float = 3.0) -> Tensor:
+    """Stable Diffusion 3's shifted grid for rectified flow: u uniform from T to t_min, then
+    t = shift u / (1 + (shift - 1) u) (diffusers' FlowMatchEulerDiscreteScheduler, ``shift``; Flux's
+    resolution-dependent shift is shift = e^mu). Only for the ``flow`` schedule."""
+    if schedule.name != "flow":
+        raise ValueError(f"the shifted flow grid is for rectified-flow models (schedule flow), not {schedule.name}")
+    lo, hi = schedule.t_min, schedule.T
+    # the end points stay: solve u at each end so that the shifted grid runs exactly from T to t_min
+    u_hi, u_lo = hi / (shift - (shift - 1) * hi), lo / (shift - (shift - 1) * lo)
+    u = torch.linspace(u_hi, u_lo, steps + 1, dtype=torch.float64)
+    return _finish((shift * u / (1 + (shift - 1) * u)).to(dtype), schedule)
+
+
 SKIP_TYPES = {
     "time_uniform": time_uniform,
     "time_quadratic": time_quadratic,
@@ -79,8 +92,9 @@ SKIP_TYPES = {
 }
 """The paper's baselines, by its names (README's comparisons and plots use these)."""
 
-MORE_SKIP_TYPES = {"time_sqrt": time_sqrt, "karras": karras}
-"""Ours: DPM-Solver's sqrt-uniform time_quadratic, and Karras spacing in sigma / alpha for any schedule."""
+MORE_SKIP_TYPES = {"time_sqrt": time_sqrt, "karras": karras, "sd3_shift": flow_shift}
+"""Ours: DPM-Solver's sqrt-uniform time_quadratic, Karras spacing in sigma / alpha for any schedule, and
+SD3's shifted grid (shift 3) for rectified-flow models."""
 
 
 def get_discretization(skip_type: str, schedule: NoiseSchedule, steps: int, dtype=torch.float64,

@@ -117,6 +117,54 @@ class VESchedule(NoiseSchedule):
         return torch.zeros_like(t), torch.ones_like(t)
 
 
+class FlowSchedule(NoiseSchedule):
+    """Rectified flow (Stable Diffusion 3, Flux, SANA): x_t = (1 - t) x_0 + t eps.
+
+    alpha = 1 - t, sigma = t, lambda = log((1 - t) / t), t(lambda) = 1 / (1 + e^lambda); the
+    network's time input is ``num_train_timesteps * t`` (diffusers' ``timestep = sigma * 1000``).
+    The schedule stops short of t = 1, where lambda = -inf: ``T`` defaults to 0.999 and the prior is
+    ``sigma(T) z`` (it leaves out alpha(T) x_0, 1e-3 of the data, as VP priors leave out theirs). A
+    model that predicts the velocity v = dx/dt = eps - x_0 is turned into a noise prediction by
+    ``ld3.models.base.velocity_noise_fn``. SD3's and Flux's shifts are discretizations
+    (``samplers.discretizations.flow_shift``), not schedules: they change where the steps go, not
+    the model.
+    """
+
+    name = "flow"
+
+    def __init__(self, t_min: float = 1e-3, T: float = 0.999, num_train_timesteps: int = 1000):
+        if not 0.0 < t_min < T < 1.0:
+            raise ValueError(f"FlowSchedule needs 0 < t_min < T < 1, got t_min={t_min}, T={T}")
+        self.t_min, self.T, self.N = float(t_min), float(T), int(num_train_timesteps)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return torch.log1p(-_as_tensor(t))
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1.0 - _as_tensor(t)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return _as_tensor(t)
+
+    def lambda_(self, t: Tensor) -> Tensor:
+        t = _as_tensor(t)
+        return torch.log1p(-t) - torch.log(t)
+
+    def t_of_lambda(self, lam: Tensor) -> Tensor:
+        return torch.sigmoid(-_as_tensor(lam))
+
+    def prior(self, z: Tensor) -> Tensor:
+        return self.T * z
+
+    def model_time(self, t: Tensor) -> Tensor:
+        return self.N * _as_tensor(t)
+
+    def ode_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """dx/dt = f x + g eps with f = -1 / (1 - t), g = 1 / (1 - t)."""
+        t = _as_tensor(t)
+        return -1.0 / (1.0 - t), 1.0 / (1.0 - t)
+
+
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Piecewise-linear interpolation with linear extrapolation; xp increasing.
 

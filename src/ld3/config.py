@@ -120,7 +120,8 @@ OPTIONS: dict[str, Opt] = {
     "W": Opt(_none_or(_int), None, "decoded image width (latent models)"),
     "C": Opt(_none_or(_int), None, "latent channels (latent models)"),
     "f": Opt(_none_or(_int), None, "autoencoder down-sampling factor (latent side = H // f)"),
-    "schedule": Opt(str, "ve", "noise schedule of analytic models: ve or vp_discrete (ours)"),
+    "schedule": Opt(str, "ve", "noise schedule of analytic models: ve, vp_discrete or flow (rectified flow, "
+                     "as SD3 / Flux) (ours)"),
     "dataset": Opt(_none_or(str), None, "which GITS table (cifar10, ffhq, afhqv2, lsun, sd); default: inferred "
                    "from model and ckp_path as the paper's code does"),
     "use_ema": Opt(str2bool, False, "use the EMA weights of a latent diffusion checkpoint (the paper's code never does)"),

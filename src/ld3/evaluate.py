@@ -172,6 +172,8 @@ def save_grid_png(path: Path, imgs: Tensor, ncol: int | None = None) -> None:
 
 def baseline_names(cfg: dict, model: Model) -> list[str]:
     names = list(SKIP_TYPES)
+    if model.schedule.name == "flow":  # SD3's shifted grid, the usual choice for rectified-flow models
+        names.append("sd3_shift")
     if model.schedule.name == "ve" and cfg["solver_name"] in ("ipndm", "dpm_solver++"):
         try:
             from ld3.samplers.gits import gits_sigmas

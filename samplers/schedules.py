@@ -275,4 +275,5 @@ SCHEDULES = {
     "vp_discrete": VPDiscreteSchedule,
     "vp_linear": VPLinearSchedule,
     "vp_cosine": VPCosineSchedule,
+    "flow": FlowSchedule,
 }

@@ -10,6 +10,7 @@ import torch
 from ld3.samplers.discretizations import ALL_SKIP_TYPES, get_discretization
 from ld3.samplers.schedules import (
     SCHEDULES,
+    FlowSchedule,
     VESchedule,
     VPCosineSchedule,
     VPDiscreteSchedule,
@@ -23,6 +24,7 @@ SCHEDULE_FACTORIES = {
     "vp_discrete": VPDiscreteSchedule.linear,
     "vp_linear": VPLinearSchedule,
     "vp_cosine": VPCosineSchedule,
+    "flow": FlowSchedule,
 }
 VP_NAMES = ["vp_discrete", "vp_linear", "vp_cosine"]
 
@@ -211,6 +213,10 @@ STEP_COUNTS = [1, 2, 3, 5, 10, 50]
 @pytest.mark.parametrize("skip_type", sorted(set(ALL_SKIP_TYPES) - {"gits"}))
 @pytest.mark.parametrize("steps", STEP_COUNTS)
 def test_discretization_shape_endpoints_monotone(schedule, skip_type, steps):
+    if skip_type == "sd3_shift" and schedule.name != "flow":
+        with pytest.raises(ValueError, match="rectified-flow"):
+            get_discretization(skip_type, schedule, steps)
+        return
     t = get_discretization(skip_type, schedule, steps)
     assert t.dtype == torch.float64 and t.shape == (steps + 1,)
     assert float(t[0]) == schedule.T and float(t[-1]) == schedule.t_min  # exactly

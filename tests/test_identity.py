@@ -123,3 +123,20 @@ def test_sample_needs_a_teacher(tmp_path, capsys):
     rep = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert rep["teacher"]["solver"] == "uni_pc" and rep["teacher"]["nfe"] == 20
     check(capsys, ld3_sample.main, base + ["--teacher", "steps=20"], "--teacher needs solver_name")
+
+
+def test_records_from_before_an_option_existed_still_match(data, tmp_path, capsys):
+    """A record written before final_denoise existed means final_denoise=False: reused, not a mismatch;
+    asking for final_denoise=True is one."""
+    import shutil
+
+    root = tmp_path / "old"
+    shutil.copytree(data.parent, root)
+    folder = root / data.name
+    rec = json.loads((folder / RECORD).read_text())
+    rec.pop("final_denoise")
+    (folder / RECORD).write_text(json.dumps(rec))
+    before = snapshot(root)
+    assert Path(gen_data.main(gen_args(root))) == folder
+    assert snapshot(root) == before
+    check(capsys, gen_data.main, gen_args(root, "--final_denoise"), "final_denoise", root=root)

@@ -143,9 +143,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Options added after records were first written, with the value that computes what was computed before
+# them: a record without the key was made with that value.
+ADDED_LATER: dict[str, Any] = {"final_denoise": False}
+
+
 def differences(recorded: dict, current: dict) -> list[tuple[str, Any, Any]]:
     """(option, recorded value, current value) for every option that differs."""
     a, b = _flat(json.loads(json.dumps(recorded))), _flat(json.loads(json.dumps(current)))
+    for k, v in ADDED_LATER.items():
+        if k in b and k not in a:
+            a[k] = v
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Ours against --paper_compat over training seeds (issue: quality ahead at equal cost): for uni_pc,
+# dpm_solver++ and ipndm at NFE 4, 6 and 10, learn with --seed 0, 1, 2 both ways from the same teacher
+# files (scripts/departures.sh makes them) and measure each schedule's L2 to 200 fresh teacher samples.
+# Prints a Markdown table of medians and writes it to samples/quality_seeds/<config>.md. The mixture: ~12 min.
+#
+#   CFG=configs/digits_gmm.yml scripts/quality_seeds.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+CFG=${CFG:-configs/digits_gmm.yml}
+name=$(basename "$CFG" .yml)
+root=train_data/paper_compat/$name
+OUT=${OUT:-samples/quality_seeds}
+mkdir -p "$OUT"
+"$PY" gen_data.py --all_config "$CFG" --total_samples 100 --sampling_batch_size 50 --steps 20 \
+  --solver_name uni_pc --skip_type edm --save_pt --data_dir "$root/train" --seed 0
+"$PY" gen_data.py --all_config "$CFG" --total_samples 200 --sampling_batch_size 50 --steps 20 \
+  --solver_name uni_pc --skip_type edm --save_pt --data_dir "$root/fresh" --seed 1
+data=$root/train/uni_pc_NFE20_edm_seed0
+fresh=$root/fresh/uni_pc_NFE20_edm_seed1
+raw=$OUT/$name.txt
+: > "$raw"
+for solver in uni_pc dpm_solver++ ipndm; do for nfe in 4 6 10; do for mode in default paper; do for seed in 0 1 2; do
+  flags=(); [ "$mode" = paper ] && flags=(--paper_compat)
+  logs=logs/quality_seeds/$name/$mode
+  start=$(date +%s.%N)
+  "$PY" main.py --all_config "$CFG" "${flags[@]}" --data_dir "$data" --solver_name "$solver" --steps "$nfe" \
+    --num_train 50 --num_valid 50 --main_train_batch_size 2 --main_valid_batch_size 50 --visualize false \
+    --seed "$seed" --log_path "$logs" > /dev/null 2>&1
+  secs=$("$PY" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start")
+  run=$(ls -d "$logs/$solver-N$nfe-"*"-seed$seed" | head -n 1)
+  "$PY" sample.py --all_config "$CFG" "${flags[@]}" --solver_name "$solver" --steps "$nfe" \
+    --load_from "$run/best_v2.pt" --data_dir "$fresh" --num_samples 200 --metrics teacher \
+    --teacher_distances L2 --out_dir "$OUT/$name/$mode-$solver-N$nfe-seed$seed" > /dev/null 2>&1
+  l2=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['teacher']['L2'])" \
+    "$OUT/$name/$mode-$solver-N$nfe-seed$seed/metrics.json")
+  echo "$solver $nfe $mode $seed $l2 $secs" >> "$raw"
+done; done; done; done
+"$PY" - "$raw" "$CFG" > "$OUT/$name.md" <<'PYEOF'
+import statistics as st, sys
+d = {}
+for line in open(sys.argv[1]):
+    s, n, m, seed, l2, t = line.split()
+    d.setdefault((s, int(n)), {}).setdefault(m, []).append((float(l2), float(t)))
+print("| solver | NFE | ours: median L2 | --paper_compat | ratio | ours: median s | --paper_compat s |")
+print("|---|---|---|---|---|---|---|")
+for (s, n), v in d.items():
+    a, b = (st.median(x for x, _ in v[k]) for k in ("default", "paper"))
+    ta, tb = (st.median(t for _, t in v[k]) for k in ("default", "paper"))
+    print(f"| {s} | {n} | {a:.4g} | {b:.4g} | {a / b:.2f} | {ta:.1f} | {tb:.1f} |")
+print()
+print(f"Medians over training seeds 0, 1, 2; L2 to 200 fresh teacher samples; seconds per main.py command "
+      f"(start-up included, 2 shared cores); `CFG={sys.argv[2]} scripts/quality_seeds.sh`")
+PYEOF
+cat "$OUT/$name.md"

@@ -218,3 +218,12 @@ def test_paper_arithmetic_with_our_3m_step(model):
         b = fast.latents(z.double(), fast.grid(run["t"].double(), dtype=torch.float64))
     assert float((a - b).abs().max()) < 2e-4
     assert float((a - run["output"]).abs().max()) > 1e-3
+
+
+def test_ipndm_under_paper_compat_with_the_embedded_config(tmp_path):
+    """configs/digits_gmm.yml sets lower_order_final: true (for uni_pc / dpm_solver++); --paper_compat with
+    ipndm runs the paper's iPNDM, which has none, instead of stopping."""
+    cfg = parse_config(["--all_config", str(Path(__file__).resolve().parents[1] / "configs" / "digits_gmm.yml"),
+                        "--paper_compat", "--solver_name", "ipndm", "--steps", "4"])
+    spec = SolverSpec.from_cfg(cfg)
+    assert spec.paper and spec.options["lower_order_final"] is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,8 @@ from ld3.timing import Timed
 from ld3.models.base import Model
 from ld3.samplers.paper import PAPER_SOLVERS
 from ld3.samplers.solvers import Grid, get_solver, solve, with_final_denoise
+
+log = logging.getLogger("ld3")
 
 
 class CountingFn:
@@ -64,6 +67,10 @@ class SolverSpec:
                 opts[opt.name] = opt.type(v) if opt.type is not bool else bool(v)
         o = order if order is not None else cfg.get("order")
         arithmetic = str(cfg.get("arithmetic") or "fast")
+        if arithmetic == "paper" and name == "ipndm" and opts.get("lower_order_final"):
+            # the yml's lower_order_final is for uni_pc / dpm_solver++; the paper's iPNDM never lowers its order
+            log.warning("ipndm under --arithmetic paper: lower_order_final ignored (the paper's iPNDM has none)")
+            opts["lower_order_final"] = False
         return cls(name, info.default_order if o is None else int(o), opts, arithmetic)
 
     @property

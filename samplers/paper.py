@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ld3.samplers.schedules import NoiseSchedule, VESchedule
+from ld3.samplers.solvers import singlestep_orders
 
 
 def _model(model_fn, x: Tensor, t: Tensor, cond: Any, uc: Any) -> Tensor:
@@ -47,6 +48,14 @@ def _check(t: Tensor, t_prime: Tensor | None) -> Tensor:
     if t_prime.shape != t.shape:
         raise ValueError(f"t_prime has shape {tuple(t_prime.shape)}, t has {tuple(t.shape)}")
     return t_prime
+
+
+def _orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """The paper's multistep orders: warm-up steps 1 .. order - 1 at their own number, later steps at
+    ``order``, or min(order, S + 1 - step) with ``lower_order_final`` (unlike ``solvers.step_orders``, a
+    warm-up step is not lowered when S < order)."""
+    return [step if step < order else (min(order, steps + 1 - step) if lower_order_final else order)
+            for step in range(1, steps + 1)]
 
 
 def _as32(t: Tensor) -> Tensor:
@@ -99,12 +108,8 @@ def dpm_solver_pp(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None,
     t = _as32(t)
     steps = t.numel() - 1
     ts, ms = [t[0]], [_x0(schedule, model_fn, x, tp[0], cond, uc)]
-    for step in range(1, steps + 1):
+    for step, k in enumerate(_orders(steps, order, lower_order_final), start=1):
         t1, t2 = t[step], tp[step]  # indexed once per step, as the paper's code (gradients sum alike)
-        if step < order:
-            k = step
-        else:
-            k = min(order, steps + 1 - step) if lower_order_final else order
         x = _dpmpp_update(schedule, x, ms, ts, t1, k, d2_factor)
         if step < steps:  # the paper's code also evaluates after the last step, and drops the result
             ts, ms = (ts + [t1])[-order:], (ms + [_x0(schedule, model_fn, x, t2, cond, uc)])[-order:]
@@ -173,13 +178,9 @@ def uni_pc(model_fn, schedule, x, t, t_prime=None, *, order=3, cond=None, uc=Non
     t = _as32(t)
     steps = t.numel() - 1
     ts, ms = [t[0]], [_x0(schedule, model_fn, x, tp[0], cond, uc)]
-    for step in range(1, steps + 1):
+    for step, k in enumerate(_orders(steps, order, lower_order_final), start=1):
         t1, t2 = t[step], tp[step]  # indexed once per step, as the paper's code (gradients sum alike)
-        if step < order:
-            k, corrector = step, True
-        else:
-            k = min(order, steps + 1 - step) if lower_order_final else order
-            corrector = step != steps
+        corrector = step < order or step != steps
         x, m = _unipc_update(schedule, model_fn, x, ms, ts, t1, t2, k, variant, corrector, cond, uc)
         if step < steps:
             if m is None:
@@ -254,7 +255,6 @@ def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc
     ``paper_midpoints`` (its r1 = 1/2). The paper's code has no order 3 here (nor a working Generator path)."""
     if order not in (1, 2):
         raise ValueError(f"the paper's dpm_solver has orders 1 and 2, got {order}")
-    from ld3.samplers.solvers import singlestep_orders
 
     tp = _as32(_check(t, t_prime))
     t = _as32(t)

@@ -8,6 +8,8 @@
 #   CFG=configs/digits.yml RUNS="uni_pc:4" scripts/departures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=teacher_pair.sh
+source scripts/teacher_pair.sh
 
 PY=${PY:-.venv/bin/python}
 CFG=${CFG:-configs/digits_gmm.yml}
@@ -16,12 +18,7 @@ OUT=${OUT:-samples/departures}
 name=$(basename "$CFG" .yml)
 root=train_data/paper_compat/$name
 mkdir -p "$OUT"
-"$PY" gen_data.py --all_config "$CFG" --total_samples 100 --sampling_batch_size 50 --steps 20 \
-  --solver_name uni_pc --skip_type edm --save_pt --data_dir "$root/train" --seed 0
-"$PY" gen_data.py --all_config "$CFG" --total_samples 200 --sampling_batch_size 50 --steps 20 \
-  --solver_name uni_pc --skip_type edm --save_pt --data_dir "$root/fresh" --seed 1
-data=$root/train/uni_pc_NFE20_edm_seed0
-fresh=$root/fresh/uni_pc_NFE20_edm_seed1
+teacher_pair "$CFG" "$root"
 
 # label|flags (on top of --paper_compat); "paper" = all of the paper's values, "ours" = none of them
 VARIANTS=(

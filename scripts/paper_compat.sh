@@ -9,6 +9,8 @@
 #   CFGS=configs/digits_gmm.yml scripts/paper_compat.sh    # one
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=teacher_pair.sh
+source scripts/teacher_pair.sh
 
 PY=${PY:-.venv/bin/python}
 CFGS=${CFGS:-configs/digits_gmm.yml configs/digits.yml}
@@ -23,12 +25,7 @@ for cfg in $CFGS; do
   # the paper's cifar10.yml batch sizes: 2 train samples per step (LD3's), 50 validation per batch
   common=(--all_config "$cfg" --num_train 50 --num_valid 50 --main_train_batch_size 2 --main_valid_batch_size 50
           --visualize false)
-  "$PY" gen_data.py --all_config "$cfg" --total_samples 100 --sampling_batch_size 50 --steps 20 \
-    --solver_name uni_pc --skip_type edm --save_pt --data_dir "$root/train" --seed 0
-  "$PY" gen_data.py --all_config "$cfg" --total_samples 200 --sampling_batch_size 50 --steps 20 \
-    --solver_name uni_pc --skip_type edm --save_pt --data_dir "$root/fresh" --seed 1
-  data=$root/train/uni_pc_NFE20_edm_seed0
-  fresh=$root/fresh/uni_pc_NFE20_edm_seed1
+  teacher_pair "$cfg" "$root"
   table=$OUT/$name.md
   {
     echo "| solver | NFE | ours (default) | --paper_compat | ratio |"

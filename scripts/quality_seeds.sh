@@ -7,18 +7,15 @@
 #   CFG=configs/digits_gmm.yml scripts/quality_seeds.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=teacher_pair.sh
+source scripts/teacher_pair.sh
 PY=${PY:-.venv/bin/python}
 CFG=${CFG:-configs/digits_gmm.yml}
 name=$(basename "$CFG" .yml)
 root=train_data/paper_compat/$name
 OUT=${OUT:-samples/quality_seeds}
 mkdir -p "$OUT"
-"$PY" gen_data.py --all_config "$CFG" --total_samples 100 --sampling_batch_size 50 --steps 20 \
-  --solver_name uni_pc --skip_type edm --save_pt --data_dir "$root/train" --seed 0
-"$PY" gen_data.py --all_config "$CFG" --total_samples 200 --sampling_batch_size 50 --steps 20 \
-  --solver_name uni_pc --skip_type edm --save_pt --data_dir "$root/fresh" --seed 1
-data=$root/train/uni_pc_NFE20_edm_seed0
-fresh=$root/fresh/uni_pc_NFE20_edm_seed1
+teacher_pair "$CFG" "$root"
 raw=$OUT/$name.txt
 : > "$raw"
 for solver in uni_pc dpm_solver++ ipndm; do for nfe in 4 6 10; do for mode in default paper; do for seed in 0 1 2; do

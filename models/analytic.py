@@ -180,7 +180,7 @@ def digits_gmm_model(schedule: str | NoiseSchedule = "ve", n_components: int = 4
     net = GMMNoise(sch, w, m, v, (1, 8, 8))
     return Model(name="digits_gmm", noise_fn=net, schedule=sch, latent_shape=(1, 8, 8), net=net,
                  time_mode="lambda" if sch.name == "ve" else "time",
-                 info={"n_components": n_components, "seed": seed})
+                 info={"n_components": n_components, "seed": seed, "dataset": "digits"})
 
 
 class GMMDenoiser(nn.Module):
@@ -231,7 +231,7 @@ def gmm_model_from_file(path: str | Path, schedule: str | NoiseSchedule = "ve") 
     shape = tuple(int(x) for x in d.get("shape", (1, 8, 8)))
     if math.prod(shape) != m.shape[1]:
         raise ValueError(f"{path}: shape {shape} does not hold {m.shape[1]} dimensions")
-    info = {"n_components": int(w.numel()), "ckp_path": str(path)}
+    info = {"n_components": int(w.numel()), "ckp_path": str(path), "dataset": "digits"}
     if sch.name == "ve":  # as an EDM network: float32 denoiser output, noise prediction by EDM's wrapper
         from ld3.models.base import edm_model
 

@@ -33,7 +33,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import yaml
@@ -42,6 +42,9 @@ from torch import Tensor, nn
 from ld3.models.base import Model, index_generator
 from ld3.resources import shipped
 from ld3.samplers.schedules import VPDiscreteSchedule
+
+if TYPE_CHECKING:
+    from ld3.models.registry import Options
 
 log = logging.getLogger("ld3")
 
@@ -725,20 +728,20 @@ def class_conditions(embedding: nn.Embedding, guidance: bool) -> Callable[..., t
 
 
 # --------------------------------------------------------------------------- shapes
-def shapes(cfg: dict, params: dict, unet: UNetSpec, first: AutoencoderSpec) -> tuple[tuple[int, int, int],
+def shapes(o: "Options", params: dict, unet: UNetSpec, first: AutoencoderSpec) -> tuple[tuple[int, int, int],
                                                                                       tuple[int, int, int]]:
     """(latent shape, image shape) from the config keys H, W, C, f, checked against the yaml."""
     f = first.factor
-    if cfg.get("f") not in (None, "") and int(cfg["f"]) != f:
-        raise LDMError(f"f: {cfg['f']} in the config, but the first stage down-samples by {f}; set f: {f}")
+    if o.f is not None and o.f != f:
+        raise LDMError(f"f: {o.f} in the config, but the first stage down-samples by {f}; set f: {f}")
     c = unet.in_channels
-    if cfg.get("C") not in (None, "") and int(cfg["C"]) != c:
-        raise LDMError(f"C: {cfg['C']} in the config, but the U-Net takes {c} latent channels; set C: {c}")
+    if o.C is not None and o.C != c:
+        raise LDMError(f"C: {o.C} in the config, but the U-Net takes {c} latent channels; set C: {c}")
     if first.embed_dim != c:
         raise LDMError(f"the first stage has {first.embed_dim} latent channels but the U-Net takes {c}")
     side = int(params.get("image_size", unet.image_size))
-    h = int(cfg["H"]) if cfg.get("H") not in (None, "") else side * f
-    w = int(cfg["W"]) if cfg.get("W") not in (None, "") else h
+    h = o.H if o.H is not None else side * f
+    w = o.W if o.W is not None else h
     if h % f or w % f:
         raise LDMError(f"H and W ({h}, {w}) must be multiples of the down-sampling factor f = {f}")
     return (c, h // f, w // f), (first.out_ch, h, w)
@@ -771,30 +774,30 @@ def _first_stage_state(params: dict, state: dict[str, Tensor], ckp: Path) -> tup
     return read_state_dict(p), ""
 
 
-def load_latent_diffusion(cfg: dict, device: torch.device | str = "cpu") -> Model:
+def load_latent_diffusion(o: "Options", device: torch.device | str = "cpu") -> Model:
     """``Model`` of a CompVis latent diffusion checkpoint (``ckp_path`` + yaml ``config``), or of a diffusers folder."""
     from ld3.models.base import ModelError
 
     try:
-        return _load(cfg)
+        return _load(o)
     except LDMError as e:
         raise ModelError(str(e)) from None
 
 
-def _load(cfg: dict) -> Model:
-    ckp_raw = cfg.get("ckp_path")
+def _load(o: "Options") -> Model:
+    ckp_raw = o.ckp_path
     ckp = resolve(ckp_raw)
     if ckp is not None and ckp.is_dir():
         from ld3.models.stable_diffusion import load_diffusers_folder
 
-        return load_diffusers_folder(cfg, ckp)
-    cfg_path = resolve(cfg.get("config"))
+        return load_diffusers_folder(o, ckp)
+    cfg_path = resolve(o.config)
     params = None
     if cfg_path is not None and cfg_path.is_file():
         params = read_yaml(cfg_path)
     if ckp is None:
         raise LDMError("ckp_path is not set: point it at the CompVis .ckpt (e.g. pretrained/ldm/lsun_beds256/model.ckpt), "
-                       f"fetched with `{download_hint(cfg.get('config'), params)}`")
+                       f"fetched with `{download_hint(o.config, params)}`")
     if not ckp.is_file():
         raise LDMError(f"checkpoint {ckp} not found: download it with `{download_hint(ckp, params)}` "
                        "(or set ckp_path to an existing file)")
@@ -809,20 +812,20 @@ def _load(cfg: dict) -> Model:
         raise LDMError(f"conditioning_key {params.get('conditioning_key')!r} is not supported (crossattn only)")
     uspec = UNetSpec.from_params((params["unet_config"] or {}).get("params") or {})
     fspec = AutoencoderSpec.from_config(params["first_stage_config"])
-    latent_shape, img_shape = shapes(cfg, params, uspec, fspec)
+    latent_shape, img_shape = shapes(o, params, uspec, fspec)
     log.info("reading %s", ckp)
     try:
         state = read_state_dict(ckp)
     except LDMError as e:
         raise LDMError(f"{e}; download it again with `{download_hint(ckp, params)}`") from None
     schedule = schedule_from(params, state)
-    unet = build_unet(uspec, state, bool(cfg.get("use_ema", False)))
+    unet = build_unet(uspec, state, o.use_ema)
     scale_factor = float(params.get("scale_factor", 1.0))
     fs_state, fs_root = _first_stage_state(params, state, ckp)
     first = build_first_stage(fspec, fs_state, fs_root, scale_factor)
-    guidance = float(cfg.get("scale") if cfg.get("scale") is not None else 1.0)
+    guidance = o.scale
     info = {"ckp_path": str(ckp), "config": str(cfg_path), "img_shape": img_shape, "scale_factor": scale_factor,
-            "first_stage": fspec.kind, "use_ema": bool(cfg.get("use_ema", False))}
+            "first_stage": fspec.kind, "use_ema": o.use_ema}
     if kind == "none":
         net = LatentDiffusionNet(unet, first, schedule, scale_factor, 1.0)
         conditions = None
@@ -844,13 +847,13 @@ def _load(cfg: dict) -> Model:
     else:
         from ld3.models.stable_diffusion import text_side
 
-        encoder, conditions, extra = text_side(cfg, params, state, ckp, cfg_path, guidance)
+        encoder, conditions, extra = text_side(o, params, state, ckp, cfg_path, guidance)
         net = LatentDiffusionNet(unet, first, schedule, scale_factor, guidance, cond_encoder=encoder)
         info.update(extra, scale=guidance)
         name = f"sd:{ckp.stem}"
     log.info("%s: latent %s -> image %s, %s first stage, scale_factor %g%s", name, latent_shape, img_shape,
              fspec.kind.upper(), scale_factor, f", guidance {guidance:g}" if kind != "none" else "")
-    return make_model(name, net, latent_shape, conditions, info, bool(cfg.get("low_gpu", False)))
+    return make_model(name, net, latent_shape, conditions, info, o.low_gpu)
 
 
 def make_model(name: str, net: LatentDiffusionNet, latent_shape, conditions, info: dict, low_gpu: bool) -> Model:

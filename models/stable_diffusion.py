@@ -26,13 +26,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ld3.models.latent_diffusion import (LatentDiffusionNet, LDMError, download_hint, make_model, resolve)
 from ld3.samplers.schedules import VPDiscreteSchedule
+
+if TYPE_CHECKING:
+    from ld3.models.registry import Options
 
 log = logging.getLogger("ld3")
 
@@ -206,8 +209,11 @@ def load_text_encoder(text_state: dict[str, Tensor], config) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def text_side(cfg: dict, params: dict, state: dict[str, Tensor], ckp: Path, yaml_path: Path, guidance: float):
+def text_side(o: "Options", params: dict, state: dict[str, Tensor], ckp: Path, yaml_path: Path, guidance: float):
     """(prompt encoder module, conditions, info) of a CompVis Stable Diffusion checkpoint."""
+    if "prompt_path" not in o:
+        raise LDMError(f"{ckp.name} is text-conditioned (Stable Diffusion): use model: conditioned_latent_diff, "
+                       "which reads prompt_path and num_prompts")
     cs = params.get("cond_stage_config") or {}
     version = str((cs.get("params") or {}).get("version") or CLIP_VERSION)
     text_state = {k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
@@ -216,9 +222,9 @@ def text_side(cfg: dict, params: dict, state: dict[str, Tensor], ckp: Path, yaml
     tokenizer, folder = load_tokenizer(version, yaml_path)
     config = text_config(folder, version, text_state)
     encoder = PromptEncoder(tokenizer, load_text_encoder(text_state, config), config.max_position_embeddings)
-    conditions = prompt_conditions(encoder, cfg.get("prompt_path"), cfg.get("num_prompts"))
+    conditions = prompt_conditions(encoder, o.prompt_path, o.num_prompts)
     info = {"clip_files": str(folder) if folder else f"{version} (Hugging Face cache)",
-            "prompt_path": cfg.get("prompt_path"), "num_prompts": cfg.get("num_prompts")}
+            "prompt_path": o.prompt_path, "num_prompts": o.num_prompts}
     return encoder, conditions, info
 
 
@@ -243,7 +249,7 @@ def schedule_from_scheduler_config(folder: Path) -> VPDiscreteSchedule:
     return VPDiscreteSchedule(betas=betas)
 
 
-def load_diffusers_folder(cfg: dict, folder: Path):
+def load_diffusers_folder(o: "Options", folder: Path):
     """``Model`` of a local diffusers Stable Diffusion folder (no network access)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -265,20 +271,20 @@ def load_diffusers_folder(cfg: dict, folder: Path):
     schedule = schedule_from_scheduler_config(folder)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     c = int(unet.config.in_channels)
-    if cfg.get("f") not in (None, "") and int(cfg["f"]) != f:
-        raise LDMError(f"f: {cfg['f']} in the config, but the VAE of {folder} down-samples by {f}")
-    if cfg.get("C") not in (None, "") and int(cfg["C"]) != c:
-        raise LDMError(f"C: {cfg['C']} in the config, but the U-Net of {folder} takes {c} channels")
+    if o.f is not None and o.f != f:
+        raise LDMError(f"f: {o.f} in the config, but the VAE of {folder} down-samples by {f}")
+    if o.C is not None and o.C != c:
+        raise LDMError(f"C: {o.C} in the config, but the U-Net of {folder} takes {c} channels")
     side = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-    h = int(cfg["H"]) if cfg.get("H") not in (None, "") else int(side) * f
-    w = int(cfg["W"]) if cfg.get("W") not in (None, "") else h
-    guidance = float(cfg.get("scale") if cfg.get("scale") is not None else 1.0)
+    h = o.H if o.H is not None else int(side) * f
+    w = o.W if o.W is not None else h
+    guidance = o.scale
     encoder = PromptEncoder(tok, text, text.config.max_position_embeddings)
     scale_factor = float(vae.config.scaling_factor)
     net = LatentDiffusionNet(unet, vae, schedule, scale_factor, guidance, cond_encoder=encoder)
-    conditions = prompt_conditions(encoder, cfg.get("prompt_path"), cfg.get("num_prompts"))
+    conditions = prompt_conditions(encoder, o.prompt_path, o.num_prompts)
     info = {"ckp_path": str(folder), "img_shape": (int(vae.config.out_channels), h, w), "scale": guidance,
-            "scale_factor": scale_factor, "prompt_path": cfg.get("prompt_path"), "num_prompts": cfg.get("num_prompts"),
+            "scale_factor": scale_factor, "prompt_path": o.prompt_path, "num_prompts": o.num_prompts,
             "first_stage": "kl"}
     log.info("diffusers folder %s: latent %s, guidance %g", folder, (c, h // f, w // f), guidance)
-    return make_model(f"sd:{folder.name}", net, (c, h // f, w // f), conditions, info, bool(cfg.get("low_gpu", False)))
+    return make_model(f"sd:{folder.name}", net, (c, h // f, w // f), conditions, info, o.low_gpu)

@@ -14,7 +14,7 @@ Two versions of the table exist in the paper's repository:
   ``lsun`` (LSUN-bedroom latent diffusion, sigma 83.8225 -> 0.0388, NFE 4..10) and
   ``sd`` (Stable Diffusion, sigma 14.6146 -> 0.0292, NFE 3..11). The paper's code picks
   the dataset from ``model`` (edm / latent_diff / conditioned_latent_diff) and, for EDM,
-  from the substring of ``ckp_path`` (see :func:`gits_dataset_for`).
+  from the substring of ``ckp_path`` (each model family says which: ``Family.gits_dataset``).
 * commit 2d903da: keyed by *solver* (``dpm_solver++``, ``ipndm``, NFE 3..11) regardless of
   the model. Those numbers are Stable Diffusion noise levels (14.6146 -> 0.0292), not EDM
   ones; the ``ipndm`` table is identical to the later ``sd`` table.
@@ -183,30 +183,8 @@ def gits_sigmas(solver_name: str, nfe: int, dataset: str = "cifar10") -> list[fl
     return [float(s) for s in table[n]]
 
 
-def gits_dataset_for(model: str, ckp_path: str | None = None) -> str:
-    """Which table the paper's code uses for a config (``utils.parse_prior_timesteps``).
-
-    ``edm``: the first of ``cifar10``, ``afhqv2``, ``ffhq`` found in ``ckp_path``;
-    ``latent_diff``: ``lsun``; ``conditioned_latent_diff``: ``sd`` (the paper uses it
-    for ImageNet too, although it is a Stable Diffusion schedule).
-    """
-    if model == "edm":
-        path = str(ckp_path or "").lower()
-        for name in ("cifar10", "afhqv2", "ffhq"):
-            if name in path:
-                return name
-        raise ValueError(
-            f"cannot tell the EDM dataset from ckp_path {ckp_path!r}: it should contain "
-            "'cifar10', 'afhqv2' or 'ffhq'"
-        )
-    if model == "latent_diff":
-        return "lsun"
-    if model == "conditioned_latent_diff":
-        return "sd"
-    raise ValueError(
-        f"no GITS table for model {model!r}; tables exist for edm (cifar10, ffhq, afhqv2), "
-        "latent_diff (lsun) and conditioned_latent_diff (sd)"
-    )
+GITS_SOLVERS = ("ipndm", "dpm_solver++")
+"""The solvers GITS published schedules for: the solvers it is a baseline of (``ld3.evaluate``)."""
 
 
-__all__ = ["gits_sigmas", "gits_dataset_for", "available_gits", "SIGMA_RANGE"]
+__all__ = ["gits_sigmas", "GITS_SOLVERS", "available_gits", "SIGMA_RANGE"]

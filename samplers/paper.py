@@ -278,6 +278,15 @@ def dpm_solver(model_fn, schedule, x, t, t_prime=None, *, order=2, cond=None, uc
 
 PAPER_SOLVERS = {"uni_pc": uni_pc, "dpm_solver++": dpm_solver_pp, "ipndm": ipndm, "euler": euler,
                  "dpm_solver": dpm_solver}
+PAPER_ORDERS = {"dpm_solver": (1, 2)}
+"""Orders the paper's code has, for the solvers where it lacks some of ours (all orders elsewhere)."""
+PAPER_LACKS = {"ipndm": {"lower_order_final": False}}
+"""Options of ours that the paper's solver does not have, with the value it behaves as."""
+
+
+def has_paper(name: str, order: int | None) -> bool:
+    """Whether the paper's code has solver ``name`` at ``order`` (then ``--arithmetic paper`` runs it)."""
+    return name in PAPER_SOLVERS and (name not in PAPER_ORDERS or order in PAPER_ORDERS[name])
 
 
 # --------------------------------------------------------------------------- baseline grids
@@ -309,5 +318,5 @@ def time_steps(skip_type: str, schedule: NoiseSchedule, steps: int) -> Tensor:
     raise ValueError(f"the paper's code has no skip_type {skip_type!r}")
 
 
-__all__ = ["PAPER_SOLVERS", "uni_pc", "dpm_solver_pp", "ipndm", "euler", "dpm_solver", "paper_midpoints",
+__all__ = ["PAPER_SOLVERS", "PAPER_ORDERS", "PAPER_LACKS", "has_paper", "uni_pc", "dpm_solver_pp", "ipndm", "euler", "dpm_solver", "paper_midpoints",
            "time_steps"]

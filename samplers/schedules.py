@@ -27,6 +27,7 @@ class NoiseSchedule:
     """Base class. Subclasses implement ``log_alpha`` and ``t_of_lambda``."""
 
     name: str = "base"
+    baselines: tuple[str, ...] = ()  # hand-made grids usual for this schedule, besides the paper's four
     T: float
     t_min: float
 
@@ -89,6 +90,7 @@ class VESchedule(NoiseSchedule):
     """Variance exploding / EDM: alpha = 1, sigma = t, lambda = -log t, x_T = T z."""
 
     name = "ve"
+    baselines = ("gits",)  # GITS's tables are EDM sigmas
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         self.t_min = float(sigma_min)
@@ -131,6 +133,7 @@ class FlowSchedule(NoiseSchedule):
     """
 
     name = "flow"
+    baselines = ("sd3_shift",)  # SD3's shifted grid, the usual choice for rectified-flow models
 
     def __init__(self, t_min: float = 1e-3, T: float = 0.999, num_train_timesteps: int = 1000):
         if not 0.0 < t_min < T < 1.0:

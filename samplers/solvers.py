@@ -564,10 +564,10 @@ class SolverOption:
 
 
 LOWER_ORDER_FINAL = SolverOption("lower_order_final", "lower_order_final", bool, True,
-                                 "lower the order of the last steps (multistep solvers)")
+                                 "lower the order of the final multistep steps (as the paper's code)")
 FINAL_DENOISE = SolverOption("final_denoise", "final_denoise", bool, False,
-                             "return the data prediction at the last nonzero time (one more network call); "
-                             "needed, and then implied, by a grid that ends at t = 0 (k-diffusion's sigmas)")
+                             "end every solve with the data prediction at the last nonzero time (one more network "
+                             "call); a grid ending at t = 0 (k-diffusion sigmas, --gits_ts ...,0) needs it (ours)")
 
 
 @dataclass(frozen=True)
@@ -582,6 +582,7 @@ class SolverInfo:
     steps_for_nfe: Callable[[int], int]
     nfe_for_steps: Callable[[int], int]
     options: tuple[SolverOption, ...] = ()
+    min_nfe: Callable[[int], int] = lambda order: 1  # the fewest network evaluations at ``order``
 
     @property
     def all_options(self) -> tuple[SolverOption, ...]:
@@ -605,8 +606,9 @@ SOLVERS: dict[str, SolverInfo] = {s.name: s for s in (
     SolverInfo("heun", heun, 2, 2, 2, lambda n: (n + 1) // 2, lambda s: 2 * s - 1),
     SolverInfo("dpm_solver++", dpm_solver_pp, 1, 3, 3, _same, _same, (
         LOWER_ORDER_FINAL,
-        SolverOption("third_order", "dpmpp_3m", str, "exact", "3M step: exact (D2 with the factor 2 of the "
-                     "Taylor expansion) or paper (the reference code's, globally second order)",
+        SolverOption("third_order", "dpmpp_3m", str, "exact", "DPM-Solver++ order-3 step: exact (ours: D2 with "
+                     "the Taylor factor 2, third order) or paper (the paper's and DPM-Solver's reference code, "
+                     "globally second order)",
                      ("exact", "paper")))),
     SolverInfo("uni_pc", uni_pc, 1, 3, 3, _same, _same, (
         SolverOption("variant", "unipc_variant", str, "bh2", "UniPC variant B(h): bh1 or bh2", ("bh1", "bh2")),
@@ -614,7 +616,7 @@ SOLVERS: dict[str, SolverInfo] = {s.name: s for s in (
     SolverInfo("ipndm", ipndm, 1, 4, 4, _same, _same, (
         SolverOption("lower_order_final", "lower_order_final", bool, False,
                      "lower the order of the last steps (off in the paper's iPNDM)"),)),
-    SolverInfo("dpm_solver", dpm_solver, 1, 3, 3, _same, _same),
+    SolverInfo("dpm_solver", dpm_solver, 1, 3, 3, _same, _same, min_nfe=lambda order: 3 if order == 3 else 1),
 )}
 
 

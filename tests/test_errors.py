@@ -180,7 +180,7 @@ def test_nan_stops_with_message_and_keeps_best(tmp_path, capsys, data, monkeypat
         m.net = m.noise_fn
         return m
 
-    monkeypatch.setitem(registry.LOADERS, "nan_model", loader)
+    monkeypatch.setitem(registry.FAMILIES, "nan_model", registry.Family("nan_model", loader))
     argv = train_args(data, tmp_path / "logs", "--model", "nan_model",
                       "--training_rounds_v1", "3", "--training_rounds_v2", "3")
     code = run_cli(ld3_main.main, argv)

@@ -539,7 +539,9 @@ def test_paper_configs_use_the_shipped_yamls(name, target, latent, img, tmp_path
     params = read_yaml(ROOT / cfg["config"])
     uspec = UNetSpec.from_params(params["unet_config"]["params"])
     fspec = AutoencoderSpec.from_config(params["first_stage_config"])
-    assert shapes(cfg, params, uspec, fspec) == (latent, img)
+    from ld3.models.registry import get_family
+
+    assert shapes(get_family(cfg["model"]).read(cfg), params, uspec, fspec) == (latent, img)
     monkeypatch.chdir(tmp_path)  # checkpoints are not in the repository: the error names file and command
     if (ROOT / cfg["ckp_path"]).exists():
         pytest.skip(f"{cfg['ckp_path']} is present")

@@ -110,24 +110,11 @@ class Opt:
 
 # name -> Opt. Keys and defaults follow the paper's code; ours are marked (ours).
 OPTIONS: dict[str, Opt] = {
-    # model
-    "model": Opt(str, "digits_gmm", "model family: edm (an NVIDIA EDM pickle; with ckp_path: embedded, the shipped "
-                 "digits U-Net), digits_gmm, gaussian, latent_diff, conditioned_latent_diff; digits_unet = edm with "
-                 "ckp_path embedded"),
+    # model (the options each model family reads come from ld3.models.registry, below)
+    "model": Opt(str, "digits_gmm", "model family"),
     "ckp_path": Opt(_none_or(str), None, "checkpoint file or folder of the pre-trained model"),
-    "config": Opt(_none_or(str), None, "original (CompVis) yaml config of a latent diffusion checkpoint"),
-    "H": Opt(_none_or(_int), None, "decoded image height (latent models)"),
-    "W": Opt(_none_or(_int), None, "decoded image width (latent models)"),
-    "C": Opt(_none_or(_int), None, "latent channels (latent models)"),
-    "f": Opt(_none_or(_int), None, "autoencoder down-sampling factor (latent side = H // f)"),
-    "schedule": Opt(str, "ve", "noise schedule of analytic models: ve, vp_discrete or flow (rectified flow, "
-                     "as SD3 / Flux) (ours)"),
     "dataset": Opt(_none_or(str), None, "which GITS table (cifar10, ffhq, afhqv2, lsun, sd); default: inferred "
                    "from model and ckp_path as the paper's code does"),
-    "use_ema": Opt(str2bool, False, "use the EMA weights of a latent diffusion checkpoint (the paper's code never does)"),
-    "scale": Opt(_float, 1.0, "classifier-free guidance scale"),
-    "num_prompts": Opt(_int, 5, "Stable Diffusion: number of prompts read from prompt_path"),
-    "prompt_path": Opt(_none_or(str), None, "Stable Diffusion: MS-COCO captions json"),
     "time_mode": Opt(str, "auto", "LD3 parameterization: lambda (pixel/EDM), time (latent), auto (the model's)",
                      ("auto", "lambda", "time")),
     "device": Opt(_none_or(str), None, "cpu, cuda, cuda:1 ... (default: cuda when available)"),
@@ -138,14 +125,7 @@ OPTIONS: dict[str, Opt] = {
     "steps": Opt(_int, 10, "NFE (number of network evaluations)"),
     "order": Opt(_none_or(_int), None, "solver order (default: the solver's own)"),
     "skip_type": Opt(str, "edm", "baseline discretization: edm, time_uniform, time_quadratic, logSNR, gits"),
-    "unipc_variant": Opt(str, "bh2", "UniPC variant: bh1 or bh2", ("bh1", "bh2")),
-    "lower_order_final": Opt(_none_or(str2bool), None, "lower the order of the final multistep steps (default: "
-                             "the solver's own: on for uni_pc and dpm_solver++, off for ipndm, as the paper's code)"),
-    "final_denoise": Opt(str2bool, False, "end every solve with the data prediction at the last nonzero time (one "
-                         "more network call); a grid ending at t = 0 (k-diffusion sigmas, --gits_ts ...,0) needs it "
-                         "(ours)"),
-    "dpmpp_3m": Opt(str, "exact", "DPM-Solver++ order-3 step: exact (ours: D2 with the Taylor factor 2, third "
-                    "order) or paper (the paper's and DPM-Solver's reference code)", ("exact", "paper")),
+    # (each solver's own options come from ld3.samplers.solvers, below)
     "arithmetic": Opt(str, "fast", "solver and schedule arithmetic: fast (ours) or paper (the paper code's float32 "
                       "coefficients and float64 states, to its numbers' rounding)", ("fast", "paper")),
     "learn": Opt(str2bool, False, "gen_data: sample with the learned run that main.py's options name"),
@@ -215,7 +195,6 @@ OPTIONS: dict[str, Opt] = {
     "overwrite": Opt(str2bool, False, "replace what a data or run folder holds when another model, other data "
                      "or other options made it (without it, that stops with the option that differs)"),
     "sampling_seed": Opt(_none_or(_int), None, "seed of fresh evaluation noise, drawn apart from the teacher noise (default: seed)"),
-    "gmm_components": Opt(_int, 40, "number of mixture components of the digits GMM (ours)"),
     "teacher": Opt(_none_or(str), None, "the teacher to run for distances on fresh noise, as key=value pairs "
                    "(solver_name=uni_pc,steps=20,skip_type=edm,order=3,unipc_variant=bh1); default: the data "
                    "folder's gen_config.yml"),
@@ -223,10 +202,66 @@ OPTIONS: dict[str, Opt] = {
 }
 
 
+def _cli_type(tp: type, default: Any):
+    conv = {int: _int, float: _float, bool: str2bool, str: str}[tp]
+    return _none_or(conv) if default is None else conv
+
+
+def _family_options() -> dict[str, Opt]:
+    """The options the model families declare, as command-line options (help: which families read it)."""
+    from ld3.models.registry import FAMILIES, family_options
+
+    out: dict[str, Opt] = {}
+    for name, (o, fams) in family_options().items():
+        who = "all models" if len(fams) == len(FAMILIES) else ", ".join(fams)
+        out[name] = Opt(_cli_type(o.type, o.default), o.default, f"{o.help} [{who}]", o.choices, o.lo)
+    return out
+
+
+def _solver_options() -> dict[str, Opt]:
+    """The options the solvers declare, by config key (help: which solvers read it; an option whose
+    default differs between solvers defaults to None: each solver's own)."""
+    from ld3.samplers.solvers import SOLVERS
+
+    out: dict[str, Opt] = {}
+    uses: dict[str, list] = {}
+    for s in SOLVERS.values():
+        for o in s.all_options:
+            uses.setdefault(o.cfg_key, []).append((s.name, o))
+    for key, pairs in uses.items():
+        o = pairs[0][1]
+        defaults = {p[1].default for p in pairs}
+        who = "all solvers" if len(pairs) == len(SOLVERS) else ", ".join(p[0] for p in pairs)
+        if len(defaults) == 1:
+            out[key] = Opt(_cli_type(o.type, o.default), o.default, f"{o.help} [{who}]", o.choices)
+        else:
+            own = "; ".join(f"{p[0]}: {p[1].default}" for p in pairs)
+            out[key] = Opt(_cli_type(o.type, None), None, f"{o.help} [default: the solver's own ({own})]",
+                           o.choices)
+    return out
+
+
+def _model_help() -> str:
+    from ld3.models.registry import FAMILIES
+
+    return "model family: " + "; ".join(f"{n} ({f.help})" if f.help else n for n, f in FAMILIES.items())
+
+
+def sync_declared_options() -> None:
+    """Put what the registered model families and solvers declare into ``OPTIONS`` and the ``--help``
+    groups: at import, and again whenever a command parses (for families registered since)."""
+    fam, sol = _family_options(), _solver_options()
+    OPTIONS.update(fam)
+    OPTIONS.update(sol)
+    OPTIONS["model"] = Opt(str, "digits_gmm", _model_help())
+    HELP_GROUPS["model"] = ("model", "ckp_path", *fam, "dataset", "device", "low_gpu", "threads")
+    HELP_GROUPS["solver"] = ("solver_name", "steps", "order", "skip_type", *sol, "arithmetic", "load_from", "learn",
+                             "use_gits", "gits_ts")
+
+
 # (lo, hi, lo_open) of the numeric options; every number must also be finite
 RANGES: dict[str, tuple] = {
-    "H": (1, None, False), "W": (1, None, False), "C": (1, None, False), "f": (1, None, False),
-    "num_prompts": (1, None, False), "threads": (1, None, False), "steps": (1, None, False),
+    "threads": (1, None, False), "steps": (1, None, False),
     "order": (1, None, False), "total_samples": (1, None, False), "sampling_batch_size": (1, None, False),
     "seed": (0, None, False), "num_train": (1, None, False), "num_valid": (1, None, False),
     "main_train_batch_size": (1, None, False), "main_valid_batch_size": (1, None, False),
@@ -236,7 +271,7 @@ RANGES: dict[str, tuple] = {
     "lr_time_decay": (0, 1, True), "patient": (1, None, False), "lr2_patient": (1, None, False),
     "shift_lr": (0, None, False), "shift_lr_decay": (0, 1, True), "prior_bound": (0, None, False),
     "win_rate": (0, 1, False), "valid_every": (1, None, False), "sampling_seed": (0, None, False),
-    "gmm_components": (1, None, False), "eval_fresh": (0, None, False),
+    "eval_fresh": (0, None, False),
 }
 for _k, (_lo, _hi, _open) in RANGES.items():
     OPTIONS[_k] = Opt(OPTIONS[_k].type, OPTIONS[_k].default, OPTIONS[_k].help, OPTIONS[_k].choices, _lo, _hi, _open)
@@ -274,10 +309,8 @@ PAPER_VALUES: dict[str, Any] = {
 
 # --help: each command lists only its own options, grouped; the others are accepted (one yml serves all three)
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "ckp_path", "config", "H", "W", "C", "f", "schedule", "dataset", "use_ema", "scale",
-              "num_prompts", "prompt_path", "gmm_components", "device", "low_gpu", "threads"),
-    "solver": ("solver_name", "steps", "order", "skip_type", "unipc_variant", "lower_order_final", "final_denoise",
-               "dpmpp_3m", "arithmetic", "load_from", "learn", "use_gits", "gits_ts"),
+    "model": (),  # filled by sync_declared_options: the core model keys and every family's options
+    "solver": (),  # likewise with every solver's options
     "teacher data": ("total_samples", "sampling_batch_size", "data_dir", "save_pt", "save_png", "seed", "noise"),
     "training data": ("data_dir", "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size",
                       "log_path", "seed", "resume"),
@@ -290,6 +323,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
                  "save_png", "seed"),
     "reproducibility and reuse": ("paper_compat", "overwrite"),
 }
+sync_declared_options()
 SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
     "gen_data": ("model", "solver", "teacher data", "reproducibility and reuse"),
     "main": ("model", "solver", "training data", "learning", "reproducibility and reuse"),
@@ -341,6 +375,7 @@ def parse_config(argv: list[str] | None = None, description: str = "", extra: di
 
     ``script`` (gen_data, main, sample): its --help lists only its option groups (all are accepted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    sync_declared_options()
     table = dict(OPTIONS)
     table.update(extra or {})
     pre = argparse.ArgumentParser(add_help=False)

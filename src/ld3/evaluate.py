@@ -171,19 +171,21 @@ def save_grid_png(path: Path, imgs: Tensor, ncol: int | None = None) -> None:
 
 
 def baseline_names(cfg: dict, model: Model) -> list[str]:
+    """The paper's four grids, and those the model's schedule declares (GITS where its table exists for
+    the solver and NFE)."""
+    from ld3.runtime import gits_dataset
+    from ld3.samplers.gits import GITS_SOLVERS, gits_sigmas
+
     names = list(SKIP_TYPES)
-    if model.schedule.name == "flow":  # SD3's shifted grid, the usual choice for rectified-flow models
-        names.append("sd3_shift")
-    if model.schedule.name == "ve" and cfg["solver_name"] in ("ipndm", "dpm_solver++"):
-        try:
-            from ld3.samplers.gits import gits_sigmas
-
-            from ld3.runtime import gits_dataset
-
-            gits_sigmas(cfg["solver_name"], int(cfg["steps"]), gits_dataset(cfg))
-            names.append("gits")
-        except (ImportError, ValueError, UserError):
-            pass
+    for name in model.schedule.baselines:
+        if name == "gits":
+            try:
+                if cfg["solver_name"] not in GITS_SOLVERS:
+                    continue
+                gits_sigmas(cfg["solver_name"], int(cfg["steps"]), gits_dataset(cfg))
+            except (ValueError, UserError):
+                continue
+        names.append(name)
     return names
 
 

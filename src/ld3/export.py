@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ld3.config import UserError
 from ld3.io import atomic_write_text
-from ld3.samplers.schedules import NoiseSchedule, VESchedule
+from ld3.samplers.schedules import NoiseSchedule
 from ld3.samplers.solvers import SOLVERS, nfe_of
 
 log = logging.getLogger("ld3")
@@ -108,17 +108,15 @@ def read_run(spec: str, schedule: NoiseSchedule, cfg: dict) -> LearnedRun:
 
 
 def schedule_from_config(cfg: dict) -> NoiseSchedule:
-    """The model's noise schedule, without loading network weights when it is known from the config."""
-    name = cfg.get("model")
-    if name in ("digits_gmm", "gaussian"):
-        from ld3.models.analytic import make_schedule
+    """The model's noise schedule, without loading network weights when its family knows it from the config."""
+    from ld3.models.registry import ModelError, get_family
 
-        try:
-            return make_schedule(str(cfg.get("schedule", "ve")))
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    if name in ("edm", "digits_unet"):
-        return VESchedule()
+    try:
+        family = get_family(cfg.get("model"))
+        if family.schedule is not None:
+            return family.schedule(family.read(cfg))
+    except (ModelError, ValueError) as e:
+        raise UserError(str(e)) from None
     from ld3.runtime import setup_device_and_model
 
     return setup_device_and_model({**cfg, "device": "cpu"})[1].schedule

@@ -142,7 +142,7 @@ class FID:
 def is_digits(model: Any) -> bool:
     """Whether a model makes the 8x8 digits the digit classifier judges (digits_gmm, digits_unet)."""
     shape = tuple(model.info.get("img_shape", model.latent_shape))
-    return "digits" in str(model.name) and shape == DIGITS_SHAPE
+    return model.info.get("dataset") == "digits" and shape == DIGITS_SHAPE
 
 
 class DigitsJudge:

@@ -27,8 +27,6 @@ log = logging.getLogger("ld3")
 
 RECORD = "ld3_identity.json"
 
-MODEL_KEYS = ("model", "config", "schedule", "gmm_components", "scale", "use_ema", "H", "W", "C", "f",
-              "num_prompts")
 TEACHER_KEYS = ("solver_name", "steps", "order", "skip_type", "seed", "noise", "arithmetic", "gits_ts",
                 "use_gits", "dataset")
 RUN_KEYS = ("solver_name", "steps", "order", "time_mode", "seed", "loss_type", "num_train", "num_valid",
@@ -84,7 +82,9 @@ def _tensor_digest(module: torch.nn.Module) -> str:
 def model_identity(cfg: dict, model) -> dict:
     """The model: its family options, and its checkpoint's sha256 (or, for embedded and analytic models,
     that of its tensors)."""
-    out: dict[str, Any] = {k: cfg.get(k) for k in MODEL_KEYS if cfg.get(k) is not None}
+    from ld3.models.registry import identity_keys
+
+    out: dict[str, Any] = {k: cfg.get(k) for k in identity_keys() if cfg.get(k) is not None}
     out["model_name"] = model.name
     ckp = cfg.get("ckp_path")
     if ckp and Path(ckp).exists():

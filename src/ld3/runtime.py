@@ -31,7 +31,7 @@ def check_solver_options(cfg: dict, key_steps: str = "steps") -> int:
         raise UserError(f"order {order} is not supported by {name} (orders {info.min_order}-{info.max_order}); "
                         f"set --order within that range")
     nfe = int(cfg[key_steps])
-    min_nfe = 3 if name == "dpm_solver" and (order or info.default_order) == 3 else 1
+    min_nfe = info.min_nfe(int(order or info.default_order))
     if nfe < min_nfe:
         raise UserError(f"--{key_steps} {nfe} is too small for {name}: it needs at least {min_nfe} NFE")
     skip = cfg.get("skip_type")
@@ -47,13 +47,12 @@ def check_solver_options(cfg: dict, key_steps: str = "steps") -> int:
 
 
 def setup_device_and_model(cfg: dict) -> tuple[torch.device, Model]:
-    from ld3.models.registry import ModelError, build_model
+    from ld3.models.registry import ModelError, build_model, get_family
 
     device = pick_device(cfg.get("device"))
-    small = cfg.get("model") in ("digits_gmm", "gaussian", "digits_unet") or (
-        cfg.get("model") == "edm" and str(cfg.get("ckp_path") or "embedded").startswith(("embedded", "models/")))
-    n = set_threads(cfg.get("threads"), small_model=small)
     try:
+        family = get_family(cfg.get("model"))
+        n = set_threads(cfg.get("threads"), small_model=family.small(family.read(cfg)))
         model = build_model(cfg, device)
     except ModelError as e:
         raise UserError(str(e)) from None
@@ -68,13 +67,17 @@ def time_mode(cfg: dict, model: Model) -> str:
 
 def gits_dataset(cfg: dict) -> str:
     """The GITS table of a config: ``dataset`` if set, else what the paper's code infers from the model."""
-    from ld3.samplers.gits import gits_dataset_for
+    from ld3.models.registry import ModelError, get_family
 
     if cfg.get("dataset"):
         return str(cfg["dataset"])
     try:
-        return gits_dataset_for(str(cfg.get("model")), cfg.get("ckp_path"))
-    except ValueError as e:
+        family = get_family(cfg.get("model"))
+        if family.gits_dataset is None:
+            raise ValueError(f"no GITS table for model {family.name!r}; tables exist for edm (cifar10, ffhq, "
+                             "afhqv2), latent_diff (lsun) and conditioned_latent_diff (sd)")
+        return family.gits_dataset(family.read(cfg))
+    except (ValueError, ModelError) as e:
         raise UserError(f"{e}; or set --dataset") from None
 
 
@@ -172,7 +175,7 @@ def check_learned_run(cfg: dict, path: str | Path, steps: int) -> int:
     run_cfg = (path if path.is_dir() else path.parent) / "config.yml"
     if run_cfg.is_file():
         learned = yaml.safe_load(run_cfg.read_text()) or {}
-        for key in ("solver_name", "order", "unipc_variant", "lower_order_final"):
+        for key in ("solver_name", "order", *(o.cfg_key for o in get_solver(cfg["solver_name"]).all_options)):
             if key in learned and learned[key] is not None and cfg.get(key) is not None and learned[key] != cfg[key]:
                 log.warning("the learned run used %s=%s; sampling with %s=%s", key, learned[key], key, cfg[key])
     return nfe

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ld3.timing import Timed
 from ld3.models.base import Model
-from ld3.samplers.paper import PAPER_SOLVERS
+from ld3.samplers.paper import PAPER_LACKS, PAPER_SOLVERS, has_paper
 from ld3.samplers.solvers import Grid, get_solver, solve, with_final_denoise
 
 log = logging.getLogger("ld3")
@@ -67,17 +67,16 @@ class SolverSpec:
                 opts[opt.name] = opt.type(v) if opt.type is not bool else bool(v)
         o = order if order is not None else cfg.get("order")
         arithmetic = str(cfg.get("arithmetic") or "fast")
-        if arithmetic == "paper" and name == "ipndm" and opts.get("lower_order_final"):
-            # the yml's lower_order_final is for uni_pc / dpm_solver++; the paper's iPNDM never lowers its order
-            log.warning("ipndm under --arithmetic paper: lower_order_final ignored (the paper's iPNDM has none)")
-            opts["lower_order_final"] = False
+        for key, value in (PAPER_LACKS.get(name, {}) if arithmetic == "paper" else {}).items():
+            if key in opts and opts[key] != value:  # e.g. a yml's lower_order_final, meant for uni_pc, under ipndm
+                log.warning("%s under --arithmetic paper: %s ignored (the paper's %s has none)", name, key, name)
+                opts[key] = value
         return cls(name, info.default_order if o is None else int(o), opts, arithmetic)
 
     @property
     def paper(self) -> bool:
         """Whether rollouts use the paper code's arithmetic (only for the solvers and orders it has)."""
-        return self.arithmetic == "paper" and self.name in PAPER_SOLVERS and \
-            not (self.name == "dpm_solver" and self.order == 3)
+        return self.arithmetic == "paper" and has_paper(self.name, self.order)
 
 
 class Rollout:

@@ -119,7 +119,7 @@ def train_step(model: Model, nfe: int, dev: torch.device, low_gpu: bool, repeats
         if i:  # the first is warm-up
             times.append(time.perf_counter() - t0)
         if i == 0:
-            roll.fn.clock.forward_s = roll.fn.clock.backward_s = 0.0
+            roll.fn.clock.reset()
     step = sum(times) / len(times)
     net = roll.fn.clock.total_s / repeats
     return {"step_s": step, "network_share": net / step if step > 0 else None, "peak_MB": _peak_mb(dev)}

@@ -254,6 +254,9 @@ def sync_declared_options() -> None:
     OPTIONS.update(fam)
     OPTIONS.update(sol)
     OPTIONS["model"] = Opt(str, "digits_gmm", _model_help())
+    from ld3.losses import LOSSES
+
+    OPTIONS["loss_type"] = Opt(str, "LPIPS", "distance to the teacher: " + ", ".join(LOSSES), tuple(LOSSES))
     HELP_GROUPS["model"] = ("model", "ckp_path", *fam, "dataset", "device", "low_gpu", "threads")
     HELP_GROUPS["solver"] = ("solver_name", "steps", "order", "skip_type", *sol, "arithmetic", "load_from", "learn",
                              "use_gits", "gits_ts")

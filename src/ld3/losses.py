@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ld3.config import UserError
+from ld3.errors import UserError
 
 log = logging.getLogger("ld3")
 Distance = Callable[[Tensor, Tensor], Tensor]
@@ -63,11 +63,24 @@ def lpips_distance(device: torch.device, size: int = 224) -> Distance:
     return dist
 
 
+# name -> make(device, lpips_size) -> Distance. Adding a loss = a function here (or in your code) + one entry.
+LOSSES: dict[str, Callable[[torch.device, int], Distance]] = {
+    "LPIPS": lpips_distance,
+    "L2": lambda device, size: l2_distance,
+    "L1": lambda device, size: l1_distance,
+}
+
+
+def register_loss(name: str, make: Callable[[torch.device, int], Distance]) -> None:
+    """Make ``--loss_type name`` available: ``make(device, lpips_size)`` returns the per-sample distance."""
+    LOSSES[name] = make
+
+
+def check_loss(loss_type: str) -> None:
+    if loss_type not in LOSSES:
+        raise UserError(f"unknown loss_type {loss_type!r}; choose {', '.join(LOSSES)}")
+
+
 def make_distance(loss_type: str, device: torch.device, lpips_size: int = 224) -> Distance:
-    if loss_type == "L2":
-        return l2_distance
-    if loss_type == "L1":
-        return l1_distance
-    if loss_type == "LPIPS":
-        return lpips_distance(device, lpips_size)
-    raise UserError(f"unknown loss_type {loss_type!r}; choose LPIPS, L2 or L1")
+    check_loss(loss_type)
+    return LOSSES[loss_type](device, lpips_size)

@@ -16,21 +16,24 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ld3 import distributed
 from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging
-from ld3.data import load_samples
+from ld3.data import SampleSet, load_samples
 from ld3.discretization import LearnedDiscretization, checkpoint_dict
 from ld3.figures import FigureHelper
 from ld3.identity import check_run_folder, run_identity, write_identity
 from ld3.io import (FolderLock, atomic_torch_save, atomic_write_text, remove_stale_temporaries,
                     safe_load)
-from ld3.losses import make_distance
+from ld3.losses import check_loss, make_distance
 from ld3.runtime import (check_positive, check_solver_options, derived_hparams, gits_prior,
                          run_name, setup_device_and_model, time_mode)
+from ld3.models.base import Model
 from ld3.student import Rollout, SolverSpec
 from ld3.trainer import LD3Trainer, NumericalError, save_history, train_config_from
 
@@ -66,14 +69,37 @@ def main(argv: list[str] | None = None) -> Path:
         place.close()
 
 
+@dataclass(frozen=True)
+class Job:
+    """One learning job, resolved from the options: what ``_train`` needs, in one record."""
+
+    cfg: dict
+    model: Model
+    device: torch.device
+    data: SampleSet
+    distance: Callable
+    run_dir: Path
+    steps: int  # intervals S of the discretization
+    nfe: int
+    bound: float
+    shift_lr: float
+    lr2: float
+    n_train: int
+    n_valid: int
+    place: distributed.Place = distributed.Place()
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "last_state.pt"
+
+
 def _main(cfg: dict, place: distributed.Place) -> Path:
     if cfg["order_rng"] == "global":  # the paper's set_seed_everything, before anything draws
         torch.manual_seed(int(cfg["seed"]))
     check_positive(cfg, "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size")
     steps = check_solver_options(cfg)
     nfe = int(cfg["steps"])
-    if cfg["loss_type"] not in ("LPIPS", "L2", "L1"):
-        raise UserError(f"unknown loss_type {cfg['loss_type']!r}; choose LPIPS, L2 or L1")
+    check_loss(cfg["loss_type"])
     device, model = setup_device_and_model(cfg)
     bound, shift_lr, lr2 = derived_hparams(cfg, model.latent_shape, nfe)
     run_dir = Path(cfg["log_path"]) / run_name(cfg, bound, lr2)
@@ -94,108 +120,122 @@ def _main(cfg: dict, place: distributed.Place) -> Path:
                      "(--overwrite to train again)", run_dir)
         return run_dir
     distance = make_distance(cfg["loss_type"], device, int(cfg.get("lpips_size") or 32))
-
-    state_file = run_dir / "last_state.pt"
-    if cfg.get("resume") and not state_file.is_file():
+    job = Job(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train, n_valid, place)
+    if cfg.get("resume") and not job.state_file.is_file():
         raise UserError(f"--resume: no saved state in {run_dir}; run without --resume to start it")
     if reuse and not cfg.get("resume") and any(run_dir.glob("best_v*.pt")):
         log.warning("%s holds an unfinished run; starting again (use --resume to continue it)", run_dir)
     if not place.main:  # the other ranks learn alongside and write nothing
-        return _train(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train,
-                      n_valid, state_file, place)
+        return _train(job)
     with FolderLock(run_dir, "run folder"):  # one writer at a time
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)
         write_identity(run_dir, identity)
         handler = setup_logging(run_dir / "log.txt")
         try:
-            return _train(cfg, model, device, data, distance, run_dir, steps, nfe, bound, shift_lr, lr2, n_train,
-                          n_valid, state_file, place)
+            return _train(job)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
 
-def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: int, bound: float, shift_lr: float,
-           lr2: float, n_train: int, n_valid: int, state_file: Path,
-           place: distributed.Place | None = None) -> Path:
-    place = place or distributed.Place()
-    writes = place.main
-    if writes:
-        save_config({**cfg, "bound": bound, "shift_lr": shift_lr, "lr_time_2_resolved": lr2, "S": steps,
-                     "time_mode": time_mode(cfg, model), "processes": place.world}, run_dir / "config.yml")
-    log.info("run %s: %s, NFE %d (%d steps), bound %.8g, shift_lr %.8g, lr_time_2 %.8g%s", run_dir.name,
-             cfg["solver_name"], nfe, steps, bound, shift_lr, lr2, " (paper_compat)" if cfg.get("paper_compat") else "")
-
-    disc = LearnedDiscretization(model.schedule, steps, time_mode(cfg, model), float(cfg["win_rate"]),
-                                 window=cfg["window"], arithmetic=cfg["arithmetic"]).to(device)
+def _trainer(job: Job, rollout: Rollout) -> LD3Trainer:
+    """The discretization (fitted to the prior with --match_prior) and its trainer, resumed with --resume;
+    with every improvement it writes the best checkpoints (rank 0), as the paper's code."""
+    cfg, model, run_dir = job.cfg, job.model, job.run_dir
+    disc = LearnedDiscretization(model.schedule, job.steps, time_mode(cfg, model), float(cfg["win_rate"]),
+                                 window=cfg["window"], arithmetic=cfg["arithmetic"]).to(job.device)
     if cfg.get("match_prior"):
-        err = disc.fit_to(gits_prior(cfg, model, steps).to(device))
+        err = disc.fit_to(gits_prior(cfg, model, job.steps).to(job.device))
         log.info("params1 fitted to the prior schedule (max error %.3g in the learning variable)", err)
-    rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=bool(cfg["low_gpu"]), timed=True)
 
-    def on_improve(tr: LD3Trainer) -> None:  # as the paper's code: the best checkpoints at every improvement
-        if not writes:
+    def on_improve(tr: LD3Trainer) -> None:
+        if not job.place.main:
             return
         ck = checkpoint_dict(tr.disc)
         if tr.phase == 1:
             atomic_torch_save(ck, run_dir / "best_v1.pt")
         atomic_torch_save(ck, run_dir / "best_v2.pt")
 
-    t_start = time.perf_counter()
     rng = torch.default_generator if cfg["order_rng"] == "global" else None
-    trainer = LD3Trainer(disc, rollout, distance, data.subset(slice(0, n_train)),
-                         data.subset(slice(n_train, n_train + n_valid)),
-                         train_config_from(cfg, bound, shift_lr, lr2), device, rng=rng, seed=int(cfg["seed"]),
-                         on_improve=on_improve, count_calls=lambda: rollout.fn.calls, place=place)
+    trainer = LD3Trainer(disc, rollout, job.distance, job.data.subset(slice(0, job.n_train)),
+                         job.data.subset(slice(job.n_train, job.n_train + job.n_valid)),
+                         train_config_from(cfg, job.bound, job.shift_lr, job.lr2), job.device, rng=rng,
+                         seed=int(cfg["seed"]), on_improve=on_improve, count_calls=lambda: rollout.fn.calls,
+                         place=job.place)
     if cfg.get("resume"):
-        trainer.load_state_dict(safe_load(state_file, "saved state"))
+        trainer.load_state_dict(safe_load(job.state_file, "saved state"))
         log.info("resuming after round %d (step %d)", trainer.state.round, trainer.state.step)
+    return trainer
+
+
+def _train(job: Job) -> Path:
+    cfg, model, run_dir, writes = job.cfg, job.model, job.run_dir, job.place.main
+    if writes:
+        save_config({**cfg, "bound": job.bound, "shift_lr": job.shift_lr, "lr_time_2_resolved": job.lr2,
+                     "S": job.steps, "time_mode": time_mode(cfg, model), "processes": job.place.world},
+                    run_dir / "config.yml")
+    log.info("run %s: %s, NFE %d (%d steps), bound %.8g, shift_lr %.8g, lr_time_2 %.8g%s", run_dir.name,
+             cfg["solver_name"], job.nfe, job.steps, job.bound, job.shift_lr, job.lr2,
+             " (paper_compat)" if cfg.get("paper_compat") else "")
+    t_start = time.perf_counter()
+    rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=bool(cfg["low_gpu"]), timed=True)
+    trainer = _trainer(job, rollout)
 
     def save_state(tr: LD3Trainer) -> None:
-        if not writes:
-            return
-        atomic_torch_save(tr.state_dict(), state_file)
-        save_history(tr.state.history, run_dir / "history.json")
+        if writes:
+            atomic_torch_save(tr.state_dict(), job.state_file)
+            save_history(tr.state.history, run_dir / "history.json")
 
     t_train = time.perf_counter()
     # Figures are drawn once, at the end (the paper's code redraws them at every new best), by a
     # helper that loads matplotlib while training runs; leaving the block waits for them.
-    with FigureHelper(device) if cfg["visualize"] and writes else contextlib.nullcontext() as figures:
+    with FigureHelper(job.device) if cfg["visualize"] and writes else contextlib.nullcontext() as figures:
         try:
             result = trainer.run(save_state)
         except NumericalError as e:
-            if not writes:
-                raise UserError(str(e)) from None
-            save_history(trainer.state.history, run_dir / "history.json")
-            if trainer.state.best is not None:
-                trainer.load_params(trainer.state.best)
-                atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
+            if writes:  # keep what was learned before the numbers broke
+                save_history(trainer.state.history, run_dir / "history.json")
+                if trainer.state.best is not None:
+                    trainer.load_params(trainer.state.best)
+                    atomic_torch_save(checkpoint_dict(trainer.disc), run_dir / "best_v2.pt")
             raise UserError(str(e)) from None
         with torch.no_grad():
-            t, tp = disc()
+            t, tp = trainer.disc()
         if not writes:
             return run_dir
         if trainer.state.best_v1 is not None:
             atomic_torch_save(trainer.state.best_v1, run_dir / "best_v1.pt")
-        atomic_torch_save(checkpoint_dict(disc), run_dir / "best_v2.pt")
+        atomic_torch_save(checkpoint_dict(trainer.disc), run_dir / "best_v2.pt")
         save_history(result.history, run_dir / "history.json")
         if figures is not None:
             figures.draw("plot_schedule", model.schedule, t.cpu(), tp.cpu(), run_dir / "schedule.png",
-                         f"{cfg['solver_name']} NFE {nfe}: learned vs baselines")
+                         f"{cfg['solver_name']} NFE {job.nfe}: learned vs baselines")
             figures.draw("plot_curves", result.history, run_dir / "curves.png")
-    wall = time.perf_counter() - t_train
+    _write_result(job, result, rollout, trainer, t, tp, time.perf_counter() - t_train)
+    if int(cfg.get("eval_fresh") or 0) > 0:
+        from ld3.evaluate import compare_with_baselines
+
+        compare_with_baselines(cfg, model, job.device, {"LD3": (t, tp)}, int(cfg["eval_fresh"]), job.distance,
+                               out_dir=run_dir)
+    log.info("Training time: %.1f s", time.perf_counter() - t_start)
+    return run_dir
+
+
+def _write_result(job: Job, result, rollout: Rollout, trainer: LD3Trainer, t, tp, wall: float) -> None:
+    """result.json: timing (network, loss, overhead factor), memory, losses, steps, NFE and the times."""
     net, loss = rollout.fn.clock, trainer.distance.clock
     busy = net.total_s + loss.total_s
     timing = {"wall_train_s": wall, "network_forward_s": net.forward_s, "network_backward_s": net.backward_s,
               "loss_s": loss.total_s, "overhead_factor": wall / busy if busy > 0 else None}
-    summary = {"timing": timing, "memory": peak_memory(device),
+    summary = {"timing": timing, "memory": peak_memory(job.device),
                "best_valid_loss": result.best_loss, "best_v1_valid_loss": result.best_v1_loss,
                "optimizer_steps": result.steps, "stopped_early": result.stopped_early,
-               "nfe_per_sample": {k: v / n_train if k != "validation" else v / n_valid for k, v in result.nfe.items()},
+               "nfe_per_sample": {k: v / job.n_train if k != "validation" else v / job.n_valid
+                                  for k, v in result.nfe.items()},
                "t": t.tolist(), "t_prime": tp.tolist(),
-               "lambda": model.schedule.lambda_(t.double().cpu()).tolist()}
-    atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=1))
+               "lambda": job.model.schedule.lambda_(t.double().cpu()).tolist()}
+    atomic_write_text(job.run_dir / "result.json", json.dumps(summary, indent=1))
     log.info("training finished: best validation loss %.6g after %d steps; times %s", result.best_loss,
              result.steps, ", ".join(f"{v:.4g}" for v in t.tolist()))
     if busy > 0:
@@ -204,13 +244,6 @@ def _train(cfg, model, device, data, distance, run_dir: Path, steps: int, nfe: i
                  timing["overhead_factor"])
     else:  # the paper's arithmetic: no timing hooks (they would regroup gradient sums)
         log.info("time: %.1f s training (network not timed under --arithmetic paper)", wall)
-    if int(cfg.get("eval_fresh") or 0) > 0:
-        from ld3.evaluate import compare_with_baselines
-
-        compare_with_baselines(cfg, model, device, {"LD3": (t, tp)}, int(cfg["eval_fresh"]), distance,
-                               out_dir=run_dir)
-    log.info("Training time: %.1f s", time.perf_counter() - t_start)
-    return run_dir
 
 
 def cli() -> None:

@@ -620,6 +620,13 @@ SOLVERS: dict[str, SolverInfo] = {s.name: s for s in (
 )}
 
 
+def register_solver(info: SolverInfo) -> SolverInfo:
+    """Add (or replace) a solver: ``--solver_name info.name`` then runs it, with its declared options
+    as command-line options (see README, Architecture)."""
+    SOLVERS[info.name] = info
+    return info
+
+
 def get_solver(name: str) -> SolverInfo:
     if name not in SOLVERS:
         raise ValueError(f"unknown solver_name {name!r}; choose from {', '.join(SOLVERS)}")
@@ -714,6 +721,6 @@ def nfe_of(name: str, steps: int) -> int:
     return get_solver(name).nfe_for_steps(steps)
 
 
-__all__ = ["solve", "check_grid", "with_final_denoise", "get_solver", "steps_for_nfe", "nfe_of", "SOLVERS", "SolverInfo", "SolverOption",
+__all__ = ["solve", "register_solver", "check_grid", "with_final_denoise", "get_solver", "steps_for_nfe", "nfe_of", "SOLVERS", "SolverInfo", "SolverOption",
            "step_orders", "singlestep_orders", "euler", "heun", "dpm_solver_pp", "uni_pc", "ipndm", "dpm_solver",
            "Grid", "Solve", "heun_step", "dpm_solver_pp_step", "uni_pc_step", "ipndm_step", "dpm_solver_step"]

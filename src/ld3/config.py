@@ -199,6 +199,8 @@ OPTIONS: dict[str, Opt] = {
                    "(solver_name=uni_pc,steps=20,skip_type=edm,order=3,unipc_variant=bh1); default: the data "
                    "folder's gen_config.yml"),
     "eval_fresh": Opt(_int, 0, "after training, compare with baselines on this many fresh noises (ours)"),
+    "plugins": Opt(_none_or(str), None, "comma-separated .py files (or modules) to import first: the model "
+                   "families, solvers and losses they register become available (README: Architecture) (ours)"),
 }
 
 
@@ -325,12 +327,13 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "sampling": ("data_dir", "sampling_batch_size", "sampling_seed", "teacher", "ref_path", "fid_folder",
                  "save_png", "seed"),
     "reproducibility and reuse": ("paper_compat", "overwrite"),
+    "extending": ("plugins",),
 }
 sync_declared_options()
 SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
-    "gen_data": ("model", "solver", "teacher data", "reproducibility and reuse"),
-    "main": ("model", "solver", "training data", "learning", "reproducibility and reuse"),
-    "sample": ("model", "solver", "sampling", "reproducibility and reuse"),
+    "gen_data": ("model", "solver", "teacher data", "reproducibility and reuse", "extending"),
+    "main": ("model", "solver", "training data", "learning", "reproducibility and reuse", "extending"),
+    "sample": ("model", "solver", "sampling", "reproducibility and reuse", "extending"),
 }
 
 
@@ -372,21 +375,54 @@ def load_yml(path: str | None) -> dict:
     return data
 
 
+def load_plugins(spec: Any) -> list[str]:
+    """Import the plugins ``spec`` names (comma-separated .py files, relative to the working directory, or
+    importable modules): what they register (model families, solvers, losses) is then available."""
+    import importlib
+    import importlib.util
+
+    names = [s.strip() for s in (spec if isinstance(spec, list) else str(spec or "").split(",")) if str(s).strip()]
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise UserError(f"--plugins: {name} not found (a .py file, relative to {Path.cwd()})")
+                mod_name = f"ld3_plugin_{path.stem}"
+                if mod_name in sys.modules:
+                    continue
+                spec_ = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(spec_)
+                sys.modules[mod_name] = module
+                try:
+                    spec_.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[mod_name]
+                    raise
+            else:
+                importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"--plugins: cannot import {name} ({e}); give the path of its .py file") from None
+    return names
+
+
 def parse_config(argv: list[str] | None = None, description: str = "", extra: dict[str, Opt] | None = None,
                  defaults: dict[str, Any] | None = None, script: str | None = None) -> dict[str, Any]:
     """Resolve options: table defaults < yml (``--all_config``) < command line. Returns a dict.
 
     ``script`` (gen_data, main, sample): its --help lists only its option groups (all are accepted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    sync_declared_options()
-    table = dict(OPTIONS)
-    table.update(extra or {})
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--all_config", default=None)
+    pre.add_argument("--plugins", default=None)
     known, _ = pre.parse_known_args(argv)
     yml: dict = {}
     if known.all_config is not None or not any(a in ("-h", "--help") for a in argv):
         yml = load_yml(known.all_config)
+    load_plugins(known.plugins if known.plugins is not None else yml.get("plugins"))
+    sync_declared_options()
+    table = dict(OPTIONS)
+    table.update(extra or {})
 
     parser = argparse.ArgumentParser(usage="%(prog)s --all_config FILE [--option value ...]", description=description, epilog=(
         f"[now ...]: the value of {known.all_config}, else the built-in default." if known.all_config else

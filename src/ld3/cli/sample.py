@@ -24,7 +24,9 @@ import json
 import logging
 import shlex
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,35 +177,88 @@ def _teacher_files(cfg: dict, model, n: int):
     return data.latent, data.c, data.uc, data.img
 
 
+def _times(cfg: dict, model, steps: int):
+    """(t, t', label, steps) of ``--load_from``'s learned run, or of the baseline ``--skip_type``."""
+    solver = cfg["solver_name"]
+    if not cfg.get("load_from"):
+        if cfg.get("skip_type") is None:
+            raise UserError("give --load_from RUN/best_v2.pt or a baseline --skip_type")
+        return baseline_times(cfg, model, cfg["skip_type"], steps, int(cfg["steps"])), None, cfg["skip_type"], steps
+    from ld3.export import read_run
+
+    run = read_run(cfg["load_from"], model.schedule, cfg)
+    if run.solver != solver:
+        log.warning("%s was learned for %s; sampling with %s as asked", run.path, run.solver, solver)
+    elif run.order is not None and cfg.get("order") is not None and int(run.order) != int(cfg["order"]):
+        log.warning("%s was learned with order %s; sampling with order %s as asked", run.path, run.order,
+                    cfg["order"])
+    return run.t, run.tp, "ld3", run.t.numel() - 1
+
+
+@dataclass
+class Measures:
+    """What the asked metrics need, loaded before sampling (a missing file stops at once): the FID and
+    digit judges, the teacher distances, and the teacher rollout when there are no teacher files."""
+
+    fid: Any = None
+    judge: Any = None
+    dists: dict = field(default_factory=dict)
+    k_teacher: int = 0  # distances on the first k samples
+    teacher: Any = None  # (rollout, grid) of the teacher on fresh noise
+    sums: dict = field(default_factory=dict)  # summed distances, by name
+
+    @classmethod
+    def load(cls, cfg: dict, model, device: torch.device, wanted: set[str], n: int, seed: int,
+             have_files: bool) -> "Measures":
+        from ld3.evaluate import teacher_times
+
+        m = cls()
+        if "fid" in wanted:
+            from ld3.fid import FID
+
+            m.fid = FID(cfg.get("ref_path"), device, cfg.get("inception_weights"))
+        if "digits" in wanted:
+            from ld3.fid import DigitsJudge
+
+            m.judge = DigitsJudge(seed=seed)
+        if "teacher" in wanted:
+            m.dists = _distances(cfg, device)
+            m.k_teacher = n if cfg.get("teacher_samples") is None else max(0, min(n, int(cfg["teacher_samples"])))
+            if not have_files:
+                tspec, t_teacher = teacher_times(cfg, model)
+                roll = Rollout(model, tspec)
+                m.teacher = (roll, roll.grid(t_teacher.to(device), device=device))
+        m.sums = {k: 0.0 for k in m.dists}
+        return m
+
+    def add(self, batch, files, device: torch.device) -> None:
+        """The distances of a sampled batch to the teacher's images (files, or a teacher rollout)."""
+        start, img = batch.indices[0], batch.images
+        kt = min(len(batch.indices), self.k_teacher - start)
+        if not self.dists or kt <= 0:
+            return
+        if files is not None:
+            ti = files[3][start:start + kt].to(device)
+        else:
+            roll, grid = self.teacher
+            with torch.no_grad():
+                ti = roll(batch.z[:kt].to(device), grid, None if batch.c is None else batch.c[:kt],
+                          None if batch.uc is None else batch.uc[:kt])
+        for name, d in self.dists.items():
+            self.sums[name] += float(d(img[:kt].float(), ti.float()).sum())
+
+
 def run_sample(cfg: dict, argv: list[str] | None, place: "distributed.Place | None" = None) -> Path:
     from ld3.data import save_pngs, to_uint8
-    from ld3.evaluate import (fresh_noise, sampling_seed, save_grid_png, save_npz, teacher_config,
-                              teacher_times)
+    from ld3.evaluate import fresh_noise, sampling_seed
+    from ld3.samplers.solvers import nfe_of
     from ld3.sampling import chunked, sample_batches
 
     check_positive(cfg, "num_samples", "sampling_batch_size")
     steps = check_solver_options(cfg)
     device, model = setup_device_and_model(cfg)
-    solver = cfg["solver_name"]
-    if cfg.get("load_from"):
-        from ld3.export import read_run
-
-        run = read_run(cfg["load_from"], model.schedule, cfg)
-        if run.solver != solver:
-            log.warning("%s was learned for %s; sampling with %s as asked", run.path, run.solver, solver)
-        elif run.order is not None and cfg.get("order") is not None and int(run.order) != int(cfg["order"]):
-            log.warning("%s was learned with order %s; sampling with order %s as asked", run.path, run.order,
-                        cfg["order"])
-        t, tp, label = run.t, run.tp, "ld3"
-        steps = t.numel() - 1
-    else:
-        if cfg.get("skip_type") is None:
-            raise UserError("give --load_from RUN/best_v2.pt or a baseline --skip_type")
-        t = baseline_times(cfg, model, cfg["skip_type"], steps, int(cfg["steps"]))
-        tp, label = None, cfg["skip_type"]
-    from ld3.samplers.solvers import nfe_of
-
-    nfe = nfe_of(solver, steps)
+    t, tp, label, steps = _times(cfg, model, steps)
+    nfe = nfe_of(cfg["solver_name"], steps)
     seed = sampling_seed(cfg)
     n, bs = int(cfg["num_samples"]), int(cfg["sampling_batch_size"])
     wanted = _metric_set(cfg, model)
@@ -212,36 +267,14 @@ def run_sample(cfg: dict, argv: list[str] | None, place: "distributed.Place | No
     files = _teacher_files(cfg, model, n) if cfg.get("data_dir") and "teacher" in wanted else None
     if files is not None:
         n = files[0].shape[0]
-        noise_label = f"{Path(cfg['data_dir']).name}"
-    else:
-        noise_label = f"seed{seed}"
-    out_dir = Path(cfg["out_dir"] or Path("samples") / _stem(cfg) / f"{label}_{solver}_NFE{nfe}_{noise_label}")
-
-    # load what the metrics need before sampling, so that a missing file stops at once
-    fid = judge = None
-    dists: dict = {}
-    if "fid" in wanted:
-        from ld3.fid import FID
-
-        fid = FID(cfg.get("ref_path"), device, cfg.get("inception_weights"))
-    if "digits" in wanted:
-        from ld3.fid import DigitsJudge
-
-        judge = DigitsJudge(seed=seed)
-    k_teacher = 0
-    teacher_roll = tgrid = None
-    if "teacher" in wanted:
-        dists = _distances(cfg, device)
-        k_teacher = n if cfg.get("teacher_samples") is None else max(0, min(n, int(cfg["teacher_samples"])))
-        if files is None:
-            tspec, t_teacher = teacher_times(cfg, model)
-            teacher_roll = Rollout(model, tspec)
-            tgrid = teacher_roll.grid(t_teacher.to(device), device=device)
+    noise_label = Path(cfg["data_dir"]).name if files is not None else f"seed{seed}"
+    out_dir = Path(cfg["out_dir"] or Path("samples") / _stem(cfg) /
+                   f"{label}_{cfg['solver_name']}_NFE{nfe}_{noise_label}")
+    measures = Measures.load(cfg, model, device, wanted, n, seed, files is not None)
 
     def draw(idx: list[int]):
         if files is None:
-            z, c, uc = fresh_noise(cfg, model, len(idx), device, idx[0])
-            return z, c, uc
+            return fresh_noise(cfg, model, len(idx), device, idx[0])
         sl = slice(idx[0], idx[-1] + 1)
         return files[0][sl], None if files[1] is None else files[1][sl], None if files[2] is None else files[2][sl]
 
@@ -250,63 +283,58 @@ def run_sample(cfg: dict, argv: list[str] | None, place: "distributed.Place | No
     place = place or distributed.Place()
     batches = chunked(range(n), bs)
     owner = {c[0]: k for k, c in enumerate(batches)}
-    chunks, sums = [], {k: 0.0 for k in dists}
+    chunks = []
     for b in sample_batches(roll, grid, batches, draw, device, desc=f"{label} NFE {nfe}" if place.main else None,
                             skip=lambda idx: not place.owns(owner[idx[0]])):
-        start, m, img = b.indices[0], len(b.indices), b.images
-        chunks.append((start, to_uint8(img)))
+        chunks.append((b.indices[0], to_uint8(b.images)))
         if cfg.get("save_png"):
-            save_pngs(out_dir / "images", b.indices, img)
-        kt = min(m, k_teacher - start)
-        if dists and kt > 0:
-            if files is not None:
-                ti = files[3][start:start + kt].to(device)
-            else:
-                with torch.no_grad():
-                    ti = teacher_roll(b.z[:kt].to(device), tgrid, None if b.c is None else b.c[:kt],
-                                      None if b.uc is None else b.uc[:kt])
-            for name, d in dists.items():
-                sums[name] += float(d(img[:kt].float(), ti.float()).sum())
-    import numpy as np
-
+            save_pngs(out_dir / "images", b.indices, b.images)
+        measures.add(b, files, device)
     if place.active:  # every rank's images and distance sums, in sample order, to rank 0
         import torch.distributed as dist
 
         gathered: list = [None] * place.world
         dist.all_gather_object(gathered, chunks)
         chunks = sorted((c for part in gathered for c in part), key=lambda c: c[0])
-        sums = dict(zip(sums, place.sum(list(sums.values()))))
+        measures.sums = dict(zip(measures.sums, place.sum(list(measures.sums.values()))))
         if not place.main:
             return out_dir
+    import numpy as np
+
     arr = np.concatenate([a for _, a in chunks])
+    report = {"num_samples": n, "noise": "teacher files" if files is not None else "fresh",
+              "sampling_seed": None if files is not None else seed, "solver": cfg["solver_name"],
+              "order": cfg.get("order"), "nfe": nfe, "steps": steps, "discretization": label,
+              "load_from": cfg.get("load_from"), "t": t.tolist(), "t_prime": (tp if tp is not None else t).tolist()}
+    _write_sample(cfg, argv, out_dir, arr, report, measures, files is not None)
+    return out_dir
+
+
+def _write_sample(cfg: dict, argv, out_dir: Path, arr, report: dict, measures: Measures, from_files: bool) -> None:
+    """samples.npz, grid.png, metrics.json (the report with every metric asked for), sample_config.yml."""
+    from ld3.evaluate import save_grid_png, save_npz, teacher_config
+
     save_npz(out_dir / "samples.npz", arr)
     as_float = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid_png(out_dir / "grid.png", as_float[:max(1, int(cfg["grid_size"]))])
-
-    report: dict = {"num_samples": n, "noise": "teacher files" if files is not None else "fresh",
-                    "sampling_seed": None if files is not None else seed, "solver": solver,
-                    "order": cfg.get("order"), "nfe": nfe, "steps": steps, "discretization": label,
-                    "load_from": cfg.get("load_from"), "t": t.tolist(),
-                    "t_prime": (tp if tp is not None else t).tolist()}
-    if dists and k_teacher > 0:
-        if files is not None:
-            report["teacher"] = {"files": str(cfg["data_dir"]), "samples": k_teacher}
+    if measures.dists and measures.k_teacher > 0:
+        if from_files:
+            report["teacher"] = {"files": str(cfg["data_dir"]), "samples": measures.k_teacher}
         else:
             tcfg = teacher_config(cfg)
             report["teacher"] = {"solver": tcfg["solver_name"], "nfe": int(tcfg["steps"]),
-                                 "skip_type": tcfg["skip_type"], "samples": k_teacher}
-        report["teacher"].update({k: v / k_teacher for k, v in sums.items()})
-    if fid is not None:
-        report["fid"] = fid(arr)
+                                 "skip_type": tcfg["skip_type"], "samples": measures.k_teacher}
+        report["teacher"].update({k: v / measures.k_teacher for k, v in measures.sums.items()})
+    if measures.fid is not None:
+        report["fid"] = measures.fid(arr)
         report["fid_ref"] = str(cfg["ref_path"])
-        if n < 50000:
-            log.warning("FID from %d samples is biased upwards; papers use 50000", n)
-    if judge is not None:
-        report["digits"] = judge(as_float)
+        if len(arr) < 50000:
+            log.warning("FID from %d samples is biased upwards; papers use 50000", len(arr))
+    if measures.judge is not None:
+        report["digits"] = measures.judge(as_float)
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
     save_config({**cfg, "command": _command(argv)}, out_dir / "sample_config.yml")
     _print_report(report, out_dir)
-    return out_dir
 
 
 def _print_report(r: dict, out_dir: Path) -> None:

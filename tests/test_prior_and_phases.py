@@ -88,3 +88,20 @@ def test_use_gits_with_a_table_and_without_one(tmp_path, capsys):
                                    "--save_pt", "--data_dir", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == 2 and "digits" in err and "cifar10" in err
+
+
+def test_train_config_defaults_are_the_cli_s():
+    """TrainConfig's defaults = the command line's, resolved at NFE 10 as main.py resolves them."""
+    import dataclasses
+
+    from ld3.config import OPTIONS
+    from ld3.runtime import derived_hparams
+    from ld3.trainer import TrainConfig, train_config_from
+
+    cli = {k: o.default for k, o in OPTIONS.items()}
+    bound, shift_lr, lr2 = derived_hparams(cli, (1, 8, 8), 10)
+    resolved = train_config_from(cli, 0.0, shift_lr, lr2)  # bound: 0 in TrainConfig (latents fixed)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "paper_average":
+            assert getattr(resolved, f.name) == f.default, f.name
+    assert bound > 0

@@ -107,6 +107,25 @@ def velocity_noise_fn(velocity_fn: Callable[..., Tensor], schedule: NoiseSchedul
     return noise_fn
 
 
+def eps_from_v(v: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """The noise prediction of a v-prediction (Salimans & Ho: v = alpha eps - sigma x_0, SD 2.x's
+    ``prediction_type: v_prediction``) at x = alpha x_0 + sigma eps: eps = (alpha v + sigma x) / (alpha^2 + sigma^2)."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    a = alpha.reshape(shape) if alpha.ndim else alpha
+    s = sigma.reshape(shape) if sigma.ndim else sigma
+    return (a * v.to(x.dtype) + s * x) / (a * a + s * s)
+
+
+def vprediction_noise_fn(v_fn: Callable[..., Tensor], schedule: NoiseSchedule) -> NoiseFn:
+    """A noise prediction from a v-prediction model ``v_fn(x, t, cond, uc)`` (see :func:`eps_from_v`)."""
+
+    def noise_fn(x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
+        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        return eps_from_v(v_fn(x, t, cond, uc), x, schedule.alpha(tt), schedule.sigma(tt))
+
+    return noise_fn
+
+
 def edm_model(name: str, denoiser: nn.Module, img_shape: tuple[int, int, int], label_dim: int = 0,
               sigma_min: float = 0.002, sigma_max: float = 80.0, info: dict | None = None) -> Model:
     """Wrap an EDM denoiser ``D(x, sigma, class_labels)`` as a ``Model`` on the VE schedule."""

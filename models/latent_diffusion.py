@@ -39,7 +39,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from ld3.models.base import Model, index_generator
+from ld3.models.base import Model, eps_from_v, index_generator
 from ld3.resources import shipped
 from ld3.samplers.schedules import VPDiscreteSchedule
 
@@ -644,12 +644,16 @@ class LatentDiffusionNet(nn.Module):
 
     ``t`` is the continuous time in [1/N, 1]; the U-Net receives ``N (t - 1/N)``. With a condition
     and ``uc`` and ``guidance_scale != 1``: one U-Net call on the batch [uc; cond] and
-    eps = eps_uc + scale (eps_c - eps_uc).
+    eps = eps_uc + scale (eps_c - eps_uc). A v-prediction U-Net (``prediction="v_prediction"``, SD 2.x)
+    is guided the same way and its output turned into eps (``ld3.models.base.eps_from_v``).
     """
 
     def __init__(self, unet: nn.Module, first_stage: nn.Module, schedule: VPDiscreteSchedule, scale_factor: float,
-                 guidance_scale: float = 1.0, cond_encoder: nn.Module | None = None):
+                 guidance_scale: float = 1.0, cond_encoder: nn.Module | None = None, prediction: str = "epsilon"):
         super().__init__()
+        if prediction not in ("epsilon", "v_prediction"):
+            raise LDMError(f"prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+        self.prediction = prediction
         self.unet, self.first_stage, self.cond_encoder = unet, first_stage, cond_encoder
         self.schedule = schedule
         self.scale_factor = float(scale_factor)
@@ -678,6 +682,9 @@ class LatentDiffusionNet(nn.Module):
             both = self._eps(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([uc, cond]))
             e_uc, e_c = both.chunk(2)
             eps = e_uc + self.guidance_scale * (e_c - e_uc)
+        if self.prediction == "v_prediction":
+            t = t.to(x.dtype)
+            return eps_from_v(eps, x, self.schedule.alpha(t), self.schedule.sigma(t))
         return eps.to(x.dtype)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -819,6 +826,7 @@ def _load(o: "Options") -> Model:
     except LDMError as e:
         raise LDMError(f"{e}; download it again with `{download_hint(ckp, params)}`") from None
     schedule = schedule_from(params, state)
+    pred = {"eps": "epsilon", "v": "v_prediction"}.get(str(params.get("parameterization", "eps")), "unknown")
     unet = build_unet(uspec, state, o.use_ema)
     scale_factor = float(params.get("scale_factor", 1.0))
     fs_state, fs_root = _first_stage_state(params, state, ckp)
@@ -827,7 +835,7 @@ def _load(o: "Options") -> Model:
     info = {"ckp_path": str(ckp), "config": str(cfg_path), "img_shape": img_shape, "scale_factor": scale_factor,
             "first_stage": fspec.kind, "use_ema": o.use_ema}
     if kind == "none":
-        net = LatentDiffusionNet(unet, first, schedule, scale_factor, 1.0)
+        net = LatentDiffusionNet(unet, first, schedule, scale_factor, 1.0, prediction=pred)
         conditions = None
         name = f"ldm:{ckp.parent.name or ckp.stem}"
     elif kind == "class":
@@ -840,7 +848,7 @@ def _load(o: "Options") -> Model:
         emb = nn.Embedding(w.shape[0], w.shape[1])
         emb.weight.data.copy_(w.float())
         emb.requires_grad_(False)
-        net = LatentDiffusionNet(unet, first, schedule, scale_factor, guidance, cond_encoder=emb)
+        net = LatentDiffusionNet(unet, first, schedule, scale_factor, guidance, cond_encoder=emb, prediction=pred)
         conditions = class_conditions(emb, guidance=guidance != 1.0)
         info.update(n_classes=w.shape[0] - 1, null_class=w.shape[0] - 1, scale=guidance)
         name = f"ldm-class:{ckp.parent.name or ckp.stem}"
@@ -848,7 +856,8 @@ def _load(o: "Options") -> Model:
         from ld3.models.stable_diffusion import text_side
 
         encoder, conditions, extra = text_side(o, params, state, ckp, cfg_path, guidance)
-        net = LatentDiffusionNet(unet, first, schedule, scale_factor, guidance, cond_encoder=encoder)
+        net = LatentDiffusionNet(unet, first, schedule, scale_factor, guidance, cond_encoder=encoder,
+                                 prediction=pred)
         info.update(extra, scale=guidance)
         name = f"sd:{ckp.stem}"
     log.info("%s: latent %s -> image %s, %s first stage, scale_factor %g%s", name, latent_shape, img_shape,

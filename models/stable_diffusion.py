@@ -230,6 +230,8 @@ def text_side(o: "Options", params: dict, state: dict[str, Tensor], ckp: Path, y
 
 # --------------------------------------------------------------------------- diffusers folder
 def schedule_from_scheduler_config(folder: Path) -> VPDiscreteSchedule:
+    """The VP schedule of a diffusers folder's scheduler config (its ``prediction_type``: see
+    :func:`prediction_type`)."""
     p = folder / "scheduler" / "scheduler_config.json"
     try:
         sc = json.loads(p.read_text())
@@ -244,9 +246,16 @@ def schedule_from_scheduler_config(folder: Path) -> VPDiscreteSchedule:
         betas = torch.linspace(float(sc["beta_start"]), float(sc["beta_end"]), n, dtype=torch.float64)
     else:
         raise LDMError(f"{p}: beta_schedule {sc.get('beta_schedule')!r} is not supported (linear, scaled_linear)")
-    if sc.get("prediction_type", "epsilon") != "epsilon":
-        raise LDMError(f"{p}: prediction_type {sc.get('prediction_type')!r} is not supported (epsilon only)")
+    if sc.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise LDMError(f"{p}: prediction_type {sc.get('prediction_type')!r} is not supported (epsilon, "
+                       "v_prediction)")
     return VPDiscreteSchedule(betas=betas)
+
+
+def prediction_type(folder: Path) -> str:
+    """``epsilon`` or ``v_prediction`` (SD 2.x at 768 px), as the folder's scheduler config says."""
+    sc = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return str(sc.get("prediction_type", "epsilon"))
 
 
 def load_diffusers_folder(o: "Options", folder: Path):
@@ -281,10 +290,11 @@ def load_diffusers_folder(o: "Options", folder: Path):
     guidance = o.scale
     encoder = PromptEncoder(tok, text, text.config.max_position_embeddings)
     scale_factor = float(vae.config.scaling_factor)
-    net = LatentDiffusionNet(unet, vae, schedule, scale_factor, guidance, cond_encoder=encoder)
+    net = LatentDiffusionNet(unet, vae, schedule, scale_factor, guidance, cond_encoder=encoder,
+                             prediction=prediction_type(folder))
     conditions = prompt_conditions(encoder, o.prompt_path, o.num_prompts)
     info = {"ckp_path": str(folder), "img_shape": (int(vae.config.out_channels), h, w), "scale": guidance,
             "scale_factor": scale_factor, "prompt_path": o.prompt_path, "num_prompts": o.num_prompts,
-            "first_stage": "kl"}
+            "first_stage": "kl", "prediction_type": net.prediction}
     log.info("diffusers folder %s: latent %s, guidance %g", folder, (c, h // f, w // f), guidance)
     return make_model(f"sd:{folder.name}", net, (c, h // f, w // f), conditions, info, o.low_gpu)

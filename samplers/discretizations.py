@@ -84,6 +84,15 @@ def flow_shift(schedule: NoiseSchedule, steps: int, dtype=torch.float64, shift: 
     return _finish((shift * u / (1 + (shift - 1) * u)).to(dtype), schedule)
 
 
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift exponent: mu linear in the number of image tokens, from
+    ``base_shift`` at ``base_seq_len`` to ``max_shift`` at ``max_seq_len`` (diffusers' ``calculate_shift``,
+    FluxPipeline's defaults); the grid is then ``sd3_shift`` with shift = e^mu."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return float(image_seq_len * m + base_shift - m * base_seq_len)
+
+
 SKIP_TYPES = {
     "time_uniform": time_uniform,
     "time_quadratic": time_quadratic,
@@ -98,8 +107,10 @@ SD3's shifted grid (shift 3) for rectified-flow models."""
 
 
 def get_discretization(skip_type: str, schedule: NoiseSchedule, steps: int, dtype=torch.float64,
-                       solver_name: str | None = None, nfe: int | None = None, dataset: str = "cifar10") -> Tensor:
-    """S + 1 = ``steps + 1`` decreasing times for a baseline ``skip_type`` (or 'gits')."""
+                       solver_name: str | None = None, nfe: int | None = None, dataset: str = "cifar10",
+                       shift: float = 3.0) -> Tensor:
+    """S + 1 = ``steps + 1`` decreasing times for a baseline ``skip_type`` (or 'gits'); ``shift``: of
+    ``sd3_shift``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if skip_type == "gits":
@@ -112,6 +123,8 @@ def get_discretization(skip_type: str, schedule: NoiseSchedule, steps: int, dtyp
     fn = SKIP_TYPES.get(skip_type) or MORE_SKIP_TYPES.get(skip_type)
     if fn is None:
         raise ValueError(f"unknown skip_type {skip_type!r}; choose from {', '.join(ALL_SKIP_TYPES)}")
+    if fn is flow_shift:
+        return flow_shift(schedule, steps, dtype, shift=float(shift))
     return fn(schedule, steps, dtype)
 
 

@@ -209,6 +209,7 @@ BAD_VALUES = [
     (["--patient", "-1"], ["--patient -1", ">= 1"]),
     (["--gits_ts", "80,abc"], ["--gits_ts", "comma-separated numbers"]),
     (["--gmm_components", "0"], ["--gmm_components 0", ">= 1"]),
+    (["--flow_shift", "-2"], ["--flow_shift", "> 0 or auto"]),
     (["--momentum_time_1", "1.5"], ["--momentum_time_1", "<= 1"]),
 ]
 

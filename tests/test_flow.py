@@ -75,3 +75,49 @@ def test_sd3_shift_grid():
     assert torch.allclose(u[1:] - u[:-1], (u[1] - u[0]).expand(8), rtol=1e-10)
     with pytest.raises(ValueError, match="rectified-flow"):
         get_discretization("sd3_shift", wide_gaussian("ve").schedule, 4)
+
+
+@pytest.mark.parametrize("kind", ["vp_discrete", "flow", "ve"])
+def test_eps_from_v_inverts_the_v_parameterization(kind):
+    """x = alpha x0 + sigma eps, v = alpha eps - sigma x0 (Salimans & Ho) -> eps exactly, any schedule."""
+    from ld3.models.analytic import make_schedule
+    from ld3.models.base import eps_from_v, vprediction_noise_fn
+
+    sch = make_schedule(kind)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64), torch.randn(5, 1, 4, 4, generator=g,
+                                                                                    dtype=torch.float64)
+    t = torch.linspace(sch.t_min * 2, sch.T * 0.9, 5, dtype=torch.float64)
+    a, s = sch.alpha(t).reshape(-1, 1, 1, 1), sch.sigma(t).reshape(-1, 1, 1, 1)
+    x, v = a * x0 + s * eps, a * eps - s * x0
+    assert torch.allclose(eps_from_v(v, x, sch.alpha(t), sch.sigma(t)), eps, atol=1e-12)
+    fn = vprediction_noise_fn(lambda x_, t_, c=None, u=None: v, sch)
+    assert torch.allclose(fn(x, t), eps, atol=1e-12)
+
+
+def test_flux_resolution_shift_matches_diffusers():
+    """Flux's mu (diffusers' calculate_shift) and its time shift = SD3's shift formula with shift = e^mu;
+    --flow_shift auto takes mu from the model's image tokens."""
+    import math
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from ld3.runtime import flow_shift_of
+    from ld3.samplers.discretizations import flow_shift, flux_mu
+    from ld3.samplers.schedules import FlowSchedule
+
+    assert flux_mu(256) == pytest.approx(0.5) and flux_mu(4096) == pytest.approx(1.15)
+    for seq in (16, 1024, 4096, 9000):
+        assert flux_mu(seq) == pytest.approx(calculate_shift(seq), abs=1e-12)
+    mu = flux_mu(4096)
+    sch = FlowSchedule()
+    t = flow_shift(sch, 8, shift=math.exp(mu))
+    sc = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    u = t / (math.exp(mu) - (math.exp(mu) - 1) * t)  # the unshifted positions: uniform
+    assert torch.allclose(u[1:] - u[:-1], (u[1:] - u[:-1]).mean().expand(8), atol=1e-12)
+    assert torch.allclose(torch.as_tensor(sc.time_shift(mu, 1.0, u), dtype=torch.float64), t, atol=1e-12)
+    model = SimpleNamespace(info={}, latent_shape=(16, 128, 128))  # Flux 1024 px: 64 x 64 = 4096 tokens
+    assert flow_shift_of({"flow_shift": "auto"}, model) == pytest.approx(math.exp(1.15))
+    assert flow_shift_of({"flow_shift": "3.0"}, model) == 3.0

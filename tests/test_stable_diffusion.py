@@ -296,3 +296,33 @@ def test_user_mistakes_are_one_line(tmp_path, capsys):
     if rc == 0:
         pytest.skip("openai/clip-vit-large-patch14 is in the local Hugging Face cache")
     assert rc == 2 and len(err) == 1 and "CLIP tokenizer files" in err[0] and "download_model.sh sd15" in err[0]
+
+
+def test_v_prediction_folder_converts_to_eps(tmp_path):
+    """SD 2.x style: scheduler prediction_type v_prediction. The same U-Net read as a v-prediction gives
+    eps = (alpha v + sigma x) / (alpha^2 + sigma^2) of its output (guidance applied first, linear)."""
+    from diffusers import DDIMScheduler
+
+    from ld3.models.base import eps_from_v
+
+    w = write_sd(tmp_path)
+    folders = {}
+    for pred in ("epsilon", "v_prediction"):
+        folder = tmp_path / f"sd-{pred}"
+        w["unet"].save_pretrained(str(folder / "unet"))
+        w["vae"].save_pretrained(str(folder / "vae"))
+        w["text"].save_pretrained(str(folder / "text_encoder"))
+        w["tok"].save_pretrained(str(folder / "tokenizer"))
+        DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type=pred).save_pretrained(str(folder / "scheduler"))
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        folders[pred] = build_model(sd_cfg(w, ckp_path=str(folder), config=None, scale=3.0), CPU)
+    e, v = folders["epsilon"], folders["v_prediction"]
+    assert v.info["prediction_type"] == "v_prediction"
+    c, uc = e.conditions([0, 1], 0, "cpu")
+    x, t = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([0.7, 0.2], dtype=torch.float64)
+    with torch.no_grad():
+        raw = e.noise_fn(x, t, c, uc)  # the guided U-Net output, read as eps
+        want = eps_from_v(raw, x, e.schedule.alpha(t), e.schedule.sigma(t))
+        got = v.noise_fn(x, t, c, uc)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, raw, atol=1e-3)

@@ -65,6 +65,19 @@ def _float(v: Any) -> float:
 _float.__name__ = "float"
 
 
+def _shift(v: Any) -> str:
+    """--flow_shift: a number > 0, or auto (Flux's resolution-dependent shift)."""
+    if str(v).strip().lower() == "auto":
+        return "auto"
+    x = _float(v)
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or auto, got {v!r}")
+    return str(x)
+
+
+_shift.__name__ = "shift"
+
+
 def _none_or(tp):
     def conv(v):
         if v is None or str(v).lower() in ("none", "null", ""):
@@ -126,6 +139,8 @@ OPTIONS: dict[str, Opt] = {
     "order": Opt(_none_or(_int), None, "solver order (default: the solver's own)"),
     "skip_type": Opt(str, "edm", "baseline discretization: edm, time_uniform, time_quadratic, logSNR, gits"),
     # (each solver's own options come from ld3.samplers.solvers, below)
+    "flow_shift": Opt(_shift, "3.0", "shift of the sd3_shift grid for rectified-flow models: a number (SD3: 3) or "
+                      "auto (Flux: e^mu, mu from the number of image tokens) (ours)"),
     "arithmetic": Opt(str, "fast", "solver and schedule arithmetic: fast (ours) or paper (the paper code's float32 "
                       "coefficients and float64 states, to its numbers' rounding)", ("fast", "paper")),
     "learn": Opt(str2bool, False, "gen_data: sample with the learned run that main.py's options name"),
@@ -260,7 +275,7 @@ def sync_declared_options() -> None:
 
     OPTIONS["loss_type"] = Opt(str, "LPIPS", "distance to the teacher: " + ", ".join(LOSSES), tuple(LOSSES))
     HELP_GROUPS["model"] = ("model", "ckp_path", *fam, "dataset", "device", "low_gpu", "threads")
-    HELP_GROUPS["solver"] = ("solver_name", "steps", "order", "skip_type", *sol, "arithmetic", "load_from", "learn",
+    HELP_GROUPS["solver"] = ("solver_name", "steps", "order", "skip_type", "flow_shift", *sol, "arithmetic", "load_from", "learn",
                              "use_gits", "gits_ts")
 
 

@@ -29,8 +29,16 @@ from ld3.samplers.solvers import steps_for_nfe
 
 log = logging.getLogger("ld3")
 
-TEACHER_KEYS = ("solver_name", "steps", "skip_type", "order", "unipc_variant", "lower_order_final", "dpmpp_3m",
-                "arithmetic")
+
+def _teacher_keys() -> tuple[str, ...]:
+    """What names a teacher: solver, NFE, grid, order, every option a solver declares, arithmetic, flow shift."""
+    from ld3.samplers.solvers import SOLVERS
+
+    declared = dict.fromkeys(o.cfg_key for s in SOLVERS.values() for o in s.all_options)
+    return ("solver_name", "steps", "skip_type", "order", *declared, "arithmetic", "flow_shift")
+
+
+TEACHER_KEYS = _teacher_keys()
 EXAMPLE_TEACHER = "solver_name=uni_pc,steps=20,skip_type=edm,order=3,unipc_variant=bh1"
 
 

@@ -28,7 +28,7 @@ log = logging.getLogger("ld3")
 RECORD = "ld3_identity.json"
 
 TEACHER_KEYS = ("solver_name", "steps", "order", "skip_type", "seed", "noise", "arithmetic", "gits_ts",
-                "use_gits", "dataset")
+                "use_gits", "dataset", "flow_shift")
 RUN_KEYS = ("solver_name", "steps", "order", "time_mode", "seed", "loss_type", "num_train", "num_valid",
             "main_train_batch_size", "main_valid_batch_size", "training_rounds_v1", "training_rounds_v2", "no_v1",
             "lr_time_1", "lr_time_2", "momentum_time_1", "weight_decay_time_1", "min_lr_time_1", "min_lr_time_2",
@@ -145,7 +145,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Options added after records were first written, with the value that computes what was computed before
 # them: a record without the key was made with that value.
-ADDED_LATER: dict[str, Any] = {"final_denoise": False}
+ADDED_LATER: dict[str, Any] = {"final_denoise": False, "flow_shift": "3.0"}
 
 
 def differences(recorded: dict, current: dict) -> list[tuple[str, Any, Any]]:

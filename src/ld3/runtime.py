@@ -90,9 +90,22 @@ def baseline_times(cfg: dict, model: Model, skip_type: str | None, steps: int, n
         return time_steps(skip_type, model.schedule, steps)
     try:
         return get_discretization(skip_type, model.schedule, steps, solver_name=cfg["solver_name"], nfe=nfe,
-                                  dataset=gits_dataset(cfg) if skip_type == "gits" else "")
+                                  dataset=gits_dataset(cfg) if skip_type == "gits" else "",
+                                  shift=flow_shift_of(cfg, model))
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def flow_shift_of(cfg: dict, model: Model) -> float:
+    """The shift of ``sd3_shift``: ``--flow_shift`` (SD3: 3), or with ``auto`` Flux's e^mu for the model's
+    number of image tokens (``info['image_seq_len']``, else latent H W / 4: 2x2 patches)."""
+    from ld3.samplers.discretizations import flux_mu
+
+    v = str(cfg.get("flow_shift") if cfg.get("flow_shift") is not None else "3").strip().lower()
+    if v != "auto":
+        return float(v)
+    seq = model.info.get("image_seq_len") or math.prod(model.latent_shape[-2:]) // 4
+    return math.exp(flux_mu(int(seq)))
 
 
 def gits_prior(cfg: dict, model: Model, steps: int) -> Tensor:

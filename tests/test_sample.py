@@ -166,3 +166,28 @@ def test_fid_metric_through_the_cli(tmp_path, monkeypatch):
     assert float(rows["edm"]["NFE 4"]) == pytest.approx(m["fid"], rel=1e-9), "same noises in both commands"
     assert float(rows["time_uniform"]["NFE 2"]) > float(rows["edm"]["NFE 4"])
     assert "FID from 40 samples" in (cmp_dir / "comparison.md").read_text()
+
+
+def test_plain_run_prints_its_metrics_titles_its_grid_and_warns_nothing(tmp_path):
+    """sample.py for people: the metrics on stdout, a grid that says what it shows, and no library
+    deprecation or future warnings on a plain run (they are errors here)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning",
+                        str(ROOT / "sample.py"), "--all_config", str(ROOT / "configs" / "digits.yml"),
+                        "--skip_type", "edm", "--steps", "4", "--num_samples", "9", "--sampling_batch_size", "9",
+                        "--out_dir", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Warning" not in r.stderr, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert f"L2 {m['teacher']['L2']:.5g}" in r.stdout and "digits: Frechet" in r.stdout
+    assert "LPIPS skipped" in r.stderr and "--teacher_distances" in r.stderr
+    grid = np.asarray(Image.open(out / "grid.png"))
+    arr = np.load(out / "samples.npz")["arr_0"]
+    tiles = grid_array(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1, 3)[..., 0]
+    assert grid.shape[0] > tiles.shape[0]  # a title band above the tiles, which are the samples
+    assert (grid[-tiles.shape[0]:, :tiles.shape[1]] == tiles).all()

@@ -168,13 +168,25 @@ def grid_array(imgs: Tensor, ncol: int | None = None, pad: int = 1, min_tile: in
     return out
 
 
-def save_grid_png(path: Path, imgs: Tensor, ncol: int | None = None) -> None:
-    """An image grid PNG of ``imgs`` (see :func:`grid_array`)."""
-    from PIL import Image
+def save_grid_png(path: Path, imgs: Tensor, ncol: int | None = None, title: str | None = None) -> None:
+    """An image grid PNG of ``imgs`` (see :func:`grid_array`), with ``title`` lines in a white band above."""
+    from PIL import Image, ImageDraw, ImageFont
 
     g = grid_array(imgs, ncol)
+    im = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
+    if title:
+        font = ImageFont.load_default()
+        lines = title.splitlines()
+        line_h = 12
+        width = max([im.width] + [int(ImageDraw.Draw(im).textlength(x, font=font)) + 8 for x in lines])
+        band = Image.new(im.mode, (width, im.height + line_h * len(lines) + 6), 255)
+        band.paste(im, (0, line_h * len(lines) + 6))
+        draw = ImageDraw.Draw(band)
+        for k, line in enumerate(lines):
+            draw.text((4, 3 + k * line_h), line, fill=0, font=font)
+        im = band
     buf = io.BytesIO()
-    Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(buf, format="PNG")
+    im.save(buf, format="PNG")
     _atomic_write_bytes(Path(path), buf.getvalue())
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -316,7 +317,12 @@ def _write_sample(cfg: dict, argv, out_dir: Path, arr, report: dict, measures: M
 
     save_npz(out_dir / "samples.npz", arr)
     as_float = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
-    save_grid_png(out_dir / "grid.png", as_float[:max(1, int(cfg["grid_size"]))])
+    shown = as_float[:max(1, int(cfg["grid_size"]))]
+    ncol = max(1, math.ceil(math.sqrt(len(shown))))
+    what = f"LD3 run {cfg['load_from']}" if cfg.get("load_from") else f"baseline {report['discretization']}"
+    save_grid_png(out_dir / "grid.png", shown, ncol, title=(
+        f"{what}\n{report['solver']} NFE {report['nfe']}, {report['noise']} noise\n"
+        f"samples 0-{len(shown) - 1} of {len(arr)}, row by row, {ncol} per row"))
     if measures.dists and measures.k_teacher > 0:
         if from_files:
             report["teacher"] = {"files": str(cfg["data_dir"]), "samples": measures.k_teacher}

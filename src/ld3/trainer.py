@@ -48,6 +48,7 @@ from ld3.distributed import Place
 from ld3.data import SampleSet
 from ld3.discretization import LearnedDiscretization, checkpoint_dict
 from ld3.io import atomic_write_text
+from ld3.optim import SGD, RMSprop
 from ld3.timing import Timed
 
 log = logging.getLogger("ld3")
@@ -222,9 +223,9 @@ class LD3Trainer:
         self.count_calls = count_calls or (lambda: 0)
         self.z_train, self.z_valid = train.latent.to(self.device), valid.latent.to(self.device)
         self.img_train, self.img_valid = train.img.to(self.device), valid.img.to(self.device)
-        self.opt1 = torch.optim.RMSprop([disc.params1], lr=cfg.lr_time_1, momentum=cfg.momentum_time_1,
-                                        weight_decay=cfg.weight_decay_time_1)
-        self.opt2 = torch.optim.SGD([disc.params2], lr=cfg.lr_time_2)
+        self.opt1 = RMSprop(disc.params1, lr=cfg.lr_time_1, momentum=cfg.momentum_time_1,
+                            weight_decay=cfg.weight_decay_time_1)  # torch.optim's, without torch._dynamo
+        self.opt2 = SGD(disc.params2, lr=cfg.lr_time_2)
         self.rng = rng if rng is not None else torch.Generator().manual_seed(int(seed))
         self.private_rng = rng is None
         self.state = TrainState(disc.params1.detach().clone(), disc.params2.detach().clone(),

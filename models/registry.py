@@ -186,6 +186,9 @@ _SCALE = FamilyOption("scale", float, 1.0, "classifier-free guidance scale")
 _PROMPTS = FamilyOption("num_prompts", int, 5, "Stable Diffusion: number of prompts read from prompt_path", lo=1)
 _PROMPT_PATH = FamilyOption("prompt_path", str, None, "Stable Diffusion: MS-COCO captions json", identity=False)
 
+_MAXSEQ = FamilyOption("max_sequence_length", int, None, "T5 tokens of SD3 / Flux prompts (default: the "
+                       "pipeline's, 256 / 512)", lo=1)
+
 EMBEDDED = (None, "", "embedded", "embedded:digits")
 
 
@@ -250,6 +253,29 @@ def _latent(o: Options, device: torch.device) -> Model:
     return load_latent_diffusion(o, device)
 
 
+def _diffusers(o: Options, device: torch.device) -> Model:
+    from ld3.models.diffusers_pipelines import load_diffusers_pipeline
+
+    return load_diffusers_pipeline(o, device)
+
+
+def _diffusers_schedule(o: Options) -> NoiseSchedule:
+    from ld3.models.diffusers_pipelines import FLOW_PIPELINES, pipeline_class
+
+    folder = Path(o.ckp_path or "")
+    if pipeline_class(folder) in FLOW_PIPELINES:
+        from ld3.samplers.schedules import FlowSchedule
+
+        return FlowSchedule()
+    from ld3.models.latent_diffusion import LDMError
+    from ld3.models.stable_diffusion import schedule_from_scheduler_config
+
+    try:
+        return schedule_from_scheduler_config(folder)
+    except LDMError as e:
+        raise ModelError(str(e)) from None
+
+
 _ANALYTIC = dict(load=_analytic, small=lambda o: True, schedule=_analytic_schedule)
 _EDM = dict(load=_edm, small=_edm_small, schedule=lambda o: VESchedule(), gits_dataset=_edm_gits)
 _LATENT = (_CONFIG, _H, _W, _C, _F, _EMA, _SCALE)
@@ -263,6 +289,9 @@ for _family in (
     Family("conditioned_latent_diff", _latent, _LATENT + (_PROMPTS, _PROMPT_PATH),
            "Stable Diffusion (CompVis checkpoint + yaml, or a diffusers folder)", gits_dataset=lambda o: "sd"),
     Family("digits_unet", options=(), help="= edm with ckp_path embedded", **_EDM),
+    Family("diffusers", _diffusers, (_H, _W, _C, _F, _SCALE, _PROMPTS, _PROMPT_PATH, _MAXSEQ),
+           "a local diffusers pipeline folder: Stable Diffusion 1.x / 2.x, SD3 / 3.5, FLUX.1",
+           schedule=_diffusers_schedule),
 ):
     register_family(_family)
 

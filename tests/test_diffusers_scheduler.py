@@ -143,7 +143,8 @@ def tiny_vae():
     torch.manual_seed(0)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=16,
-                         layers_per_block=1, norm_num_groups=8, sample_size=16).eval()
+                         layers_per_block=1, norm_num_groups=8, sample_size=16, scaling_factor=1.5,
+                         shift_factor=0.1).eval()
 
 
 @pytest.mark.parametrize("solver,order,options", [("uni_pc", 3, {"variant": "bh2"}), ("euler", 1, {})])

@@ -67,13 +67,14 @@ def sd3_folder(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sd3")
     tok1, te1 = clip_parts(tmp / "clip1", 0, True)
     tok2, te2 = clip_parts(tmp / "clip2", 1, True)
+    tok3, te3 = t5_parts(tmp / "t5", dim=64)
     torch.manual_seed(0)
     tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
                                num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
                                pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16).eval()
     pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=tiny_vae(), text_encoder=te1, tokenizer=tok1, text_encoder_2=te2,
-                                    tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+                                    tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3)
     folder = tmp / "sd3-tiny"
     pipe.save_pretrained(str(folder))
     return folder
@@ -110,8 +111,7 @@ def test_pipeline_folder_samples_as_the_pipeline(kind, solver, order, sd3_folder
     scale = 2.0 if kind == "sd3" else 3.5
     model = build_model(family_cfg(folder, scale), CPU)
     assert model.schedule.name == "flow" and model.info["pipeline"].startswith(("StableDiffusion3", "Flux"))
-    absent = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
-    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **absent)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     t, tp = learned_times(model.schedule, 4)
     pipe.scheduler = ld3_scheduler((t, tp, solver, order, {}), pipe.scheduler)
@@ -133,24 +133,41 @@ def test_pipeline_folder_samples_as_the_pipeline(kind, solver, order, sd3_folder
         assert close(img, model.decode(ours).clamp(-1, 1), tol=1e-4)
 
 
-def test_gen_data_and_main_on_a_pipeline_folder(sd3_folder, tmp_path):
+@pytest.mark.parametrize("config", ["sd3_medium", "flux_dev"])
+def test_gen_data_and_main_on_a_pipeline_folder(config, sd3_folder, flux_folder, tmp_path):
+    """README's commands with the shipped configs, on the tiny folders (sizes and prompts overridden)."""
     import gen_data
     import main as ld3_main
 
-    common = ["--all_config", str(Path(__file__).resolve().parents[1] / "configs" / "digits_gmm.yml"),
-              "--model", "diffusers", "--ckp_path", str(sd3_folder), "--prompt_path",
-              str(captions(sd3_folder.parent)), "--num_prompts", "3", "--scale", "2.0", "--H", "16", "--W", "16",
-              "--max_sequence_length", "8", "--threads", "1"]
+    folder = sd3_folder if config == "sd3_medium" else flux_folder
+    common = ["--all_config", str(Path(__file__).resolve().parents[1] / "configs" / f"{config}.yml"),
+              "--ckp_path", str(folder), "--prompt_path", str(captions(folder.parent)), "--num_prompts", "3",
+              "--H", "16", "--W", "16", "--max_sequence_length", "8", "--threads", "1"]
     data = gen_data.main(common + ["--total_samples", "6", "--sampling_batch_size", "3", "--steps", "8",
-                                   "--solver_name", "uni_pc", "--skip_type", "sd3_shift", "--save_pt",
                                    "--data_dir", str(tmp_path / "data")])
+    assert Path(data).name == "uni_pc_NFE8_sd3_shift_seed0"
     run = ld3_main.main(common + ["--data_dir", str(data), "--num_train", "3", "--num_valid", "3", "--steps", "3",
-                                  "--solver_name", "uni_pc", "--order", "2", "--loss_type", "L2",
-                                  "--main_train_batch_size", "1", "--main_valid_batch_size", "3",
-                                  "--training_rounds_v1", "1", "--training_rounds_v2", "1", "--visualize", "false",
+                                  "--loss_type", "L2", "--main_valid_batch_size", "3", "--training_rounds_v1", "1",
+                                  "--training_rounds_v2", "1", "--visualize", "false",
                                   "--log_path", str(tmp_path / "logs")])
     res = json.loads((Path(run) / "result.json").read_text())
     assert len(res["t"]) == 4 and res["t"][0] == pytest.approx(0.999) and all(
         a > b for a, b in zip(res["t"], res["t"][1:]))
     ident = json.loads((Path(run) / "ld3_identity.json").read_text())
     assert ident["model"]["model"] == "diffusers" and "checkpoint_sha256" in ident["model"]
+
+
+def test_readme_ld3_scheduler_snippet_runs_as_written(sd3_folder, tmp_path):
+    """README's LD3Scheduler snippet, verbatim, with a tiny SD3 folder and a run folder."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = text.split("<!-- ld3-scheduler-snippet -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    from ld3.samplers.schedules import FlowSchedule
+
+    t, tp = learned_times(FlowSchedule(), 3)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"best_t_steps": torch.cat([t, tp]).float()}, run / "best_v2.pt")
+    (run / "config.yml").write_text("solver_name: uni_pc\norder: 2\n")
+    env = {"folder": str(sd3_folder), "run": str(run), "prompt": PROMPTS[:1]}
+    exec(compile(code, "README.md", "exec"), env)
+    assert len(env["images"]) == 1 and env["pipe"].scheduler.num_inference_steps == 3

@@ -209,3 +209,35 @@ def test_export_carries_the_solver_options_of_the_run(tmp_path):
     (tmp_path / "run" / "config.yml").write_text("solver_name: dpm_solver++\nsteps: 4\norder: 3\n")
     d = _export(tmp_path, ck)
     assert d["solver_options"] == {"lower_order_final": True, "third_order": "exact", "final_denoise": False}
+
+
+def _doc_snippet(marker: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "EVALUATION.md").read_text()
+    return text.split(marker, 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_docs_diffusers_snippet_runs_as_written(tiny_sd, tmp_path):
+    """docs/EVALUATION.md's diffusers block, verbatim: a saved tiny SD folder and an exported JSON."""
+    pipe, _ = tiny_sd
+    folder = tmp_path / "sd"
+    pipe.save_pretrained(str(folder))
+    t = torch.tensor([1.0, 0.62, 0.3, 0.11, 0.04, 0.001], dtype=torch.float64)
+    path = tmp_path / "ld3_sd_dpmpp.json"
+    path.write_text(json.dumps(export_dict(t, t, VPDiscreteSchedule.linear(1000), solver="dpm_solver++", order=2)))
+    env = {"folder": str(folder), "export_json": str(path), "prompt": "a"}
+    exec(compile(_doc_snippet("<!-- diffusers-json-snippet -->"), "EVALUATION.md", "exec"), env)
+    assert env["image"].size == (8, 8) and env["pipe"].scheduler.sigmas.numel() == len(t) + 1  # sigmas= ends in 0
+
+
+def test_docs_k_diffusion_snippet_runs_as_written(tmp_path, monkeypatch):
+    """docs/EVALUATION.md's k-diffusion block, verbatim (where k-diffusion is installed)."""
+    pytest.importorskip("k_diffusion")
+    ck, _, _ = _learned(VESchedule(), 4, "lambda")
+    (tmp_path / "run").mkdir()
+    torch.save(ck, tmp_path / "run" / "best_v2.pt")
+    (tmp_path / "run" / "config.yml").write_text("solver_name: dpm_solver++\norder: 2\n")
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--all_config", "configs/digits.yml", "--export", "run", "--out", "ld3_digits.json"])
+    env: dict = {}
+    exec(compile(_doc_snippet("<!-- k-diffusion-snippet -->"), "EVALUATION.md", "exec"), env)
+    assert env["samples"].shape == (16, 1, 8, 8) and torch.isfinite(env["samples"]).all()

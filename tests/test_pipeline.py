@@ -173,3 +173,20 @@ def test_load_from_run_folder_uses_its_nfe_and_warns(tmp_path, caplog):
     assert out.name == "ipndm_NFE4_ld3_seed0"  # the run's 4 steps, not --steps 10
     msgs = " ".join(r.message for r in caplog.records)
     assert "--steps 10 is ignored" in msgs and "solver_name=uni_pc" in msgs
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):
+    """README's "In Python" block, verbatim, in a working directory holding the run folder it names."""
+    from ld3.discretization import LearnedDiscretization, checkpoint_dict
+    from ld3.samplers.schedules import VESchedule
+
+    text = (ROOT / "README.md").read_text()
+    code = text.split("In Python:", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    ck_path = code.split('load_learned_times("', 1)[1].split('"', 1)[0]
+    disc = LearnedDiscretization(VESchedule(), 4, "lambda", 0.5)
+    monkeypatch.chdir(tmp_path)
+    Path(ck_path).parent.mkdir(parents=True)
+    torch.save(checkpoint_dict(disc), ck_path)
+    env: dict = {}
+    exec(compile(code, "README.md", "exec"), env)
+    assert env["images"].shape == (16, 1, 8, 8) and torch.isfinite(env["images"]).all()

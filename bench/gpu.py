@@ -12,7 +12,10 @@ Networks (random weights, built from diffusers' classes, nothing downloaded):
 For each: one LD3 training step (batch 2, as the paper's configs) at NFE 4 and 10 with the
 network's share of its time (overhead factor), peak ``torch.cuda.max_memory_allocated`` with and
 without ``--low_gpu``, teacher images per second (NFE 20, no grad), and each speed option against
-plain float32 on the teacher batch: bf16 autocast, TF32, channels_last, torch.compile.
+plain float32 on the teacher batch: bf16 autocast, TF32, channels_last, torch.compile, CUDA graphs
+(torch.compile's reduce-overhead mode).
+- ``sd3_blocks`` / ``flux_blocks``: two full-width SD3 MMDiT blocks (1536 wide) and three Flux blocks
+  (3072 wide, guidance embedding) on 1024 px latents (128 x 128 x 16), velocity turned into eps.
 Then a whole LD3 run at the paper's CIFAR-10 settings (cifar10.yml: 50 + 50 teacher samples, 2 + 5
 rounds, batch 2 / 10, NFE 10) on the CIFAR-size network, with LPIPS of a randomly initialised VGG16
 (``lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True)``, the cost of the real one).
@@ -63,6 +66,8 @@ def build(kind: str, tiny: bool, dev: torch.device) -> tuple[Model, dict]:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     torch.manual_seed(0)
+    if kind in ("sd3_blocks", "flux_blocks"):
+        return build_flow(kind, tiny, dev)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     sch = VPDiscreteSchedule(betas=betas)
     if kind == "cifar10_unet":
@@ -146,9 +151,12 @@ def teacher_speed(model: Model, dev: torch.device, batch: int, nfe: int, option:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     elif option == "channels_last":
         net.to(memory_format=torch.channels_last)
-    elif option == "torch.compile":
+    elif option in ("torch.compile", "cuda graphs"):  # cuda graphs: inductor's reduce-overhead mode
+        if option == "cuda graphs" and dev.type != "cuda":
+            return None
+        mode = "reduce-overhead" if option == "cuda graphs" else None
         try:
-            model = Model(**{**model.__dict__, "noise_fn": torch.compile(model.noise_fn, dynamic=False)})
+            model = Model(**{**model.__dict__, "noise_fn": torch.compile(model.noise_fn, dynamic=False, mode=mode)})
             roll = Rollout(model, SolverSpec("uni_pc", 3))
             grid = roll.grid(t.float(), device=dev)
         except Exception:  # noqa: BLE001 - not available on this platform
@@ -207,6 +215,61 @@ def whole_run(model: Model, dev: torch.device, tiny: bool) -> dict:
             "best_valid_lpips": res.best_loss, "nfe": nfe, "samples": [n_train, n_valid]}
 
 
+def build_flow(kind: str, tiny: bool, dev: torch.device) -> tuple[Model, dict]:
+    """A few full-width blocks of SD3 (MMDiT, 1536 wide, 24 heads) or Flux (3072 wide, 24 heads of 128,
+    guidance embedding) on 1024 px latents (128 x 128 x 16, 2x2 patches), velocity turned into eps."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from ld3.models.base import velocity_noise_fn
+    from ld3.samplers.schedules import FlowSchedule
+
+    sch = FlowSchedule()
+    side = 8 if tiny else 128
+    g = torch.Generator().manual_seed(1)
+    if kind == "sd3_blocks":
+        heads, hd = (2, 8) if tiny else (24, 64)
+        net = SD3Transformer2DModel(sample_size=side, patch_size=2, in_channels=16, num_layers=1 if tiny else 2,
+                                    attention_head_dim=hd, num_attention_heads=heads,
+                                    joint_attention_dim=32 if tiny else 4096, caption_projection_dim=heads * hd,
+                                    pooled_projection_dim=32 if tiny else 2048, out_channels=16,
+                                    pos_embed_max_size=side)
+        text = torch.randn(1, 77 + (8 if tiny else 256), 32 if tiny else 4096, generator=g)
+        pooled = torch.randn(1, 32 if tiny else 2048, generator=g)
+    else:
+        heads, hd = (2, 8) if tiny else (24, 128)
+        net = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1 if tiny else 2,
+                                     attention_head_dim=hd, num_attention_heads=heads,
+                                     joint_attention_dim=32 if tiny else 4096, pooled_projection_dim=32 if tiny else 768,
+                                     guidance_embeds=True, axes_dims_rope=(2, 2, 4) if tiny else (16, 56, 56))
+        text = torch.randn(1, 8 if tiny else 512, 32 if tiny else 4096, generator=g)
+        pooled = torch.randn(1, 32 if tiny else 768, generator=g)
+    net = net.to(dev).eval().requires_grad_(False)
+    text, pooled = text.to(dev), pooled.to(dev)
+    params = sum(p.numel() for p in net.parameters())
+
+    def velocity(x, t, c=None, uc=None):
+        b = x.shape[0]
+        dtype = next(net.parameters()).dtype
+        tt = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
+        if kind == "sd3_blocks":
+            out = net(hidden_states=x.to(dtype), timestep=1000 * tt, encoder_hidden_states=text.expand(b, -1, -1),
+                      pooled_projections=pooled.expand(b, -1), return_dict=False)[0]
+            return out.to(x.dtype)
+        from diffusers import FluxPipeline
+
+        c, h, w = x.shape[1:]
+        tokens = FluxPipeline._pack_latents(x.to(dtype), b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)
+        out = net(hidden_states=tokens, timestep=tt, guidance=torch.full((b,), 3.5, device=x.device),
+                  pooled_projections=pooled.expand(b, -1), encoder_hidden_states=text.expand(b, -1, -1),
+                  txt_ids=torch.zeros(text.shape[1], 3, device=x.device), img_ids=img_ids, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8).to(x.dtype)
+
+    model = Model(name=kind, noise_fn=velocity_noise_fn(velocity, sch), schedule=sch, latent_shape=(16, side, side),
+                  net=net, time_mode="time")
+    return model, {"network": kind, "parameters_M": round(params / 1e6, 2), "shape": [16, side, side]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="small networks, CPU (CI)")
@@ -216,19 +279,19 @@ def main() -> None:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     t_all = time.perf_counter()
     rows, speed, runs = [], [], {}
-    for kind in ("cifar10_unet", "sd15_unet"):
+    for kind in ("cifar10_unet", "sd15_unet", "sd3_blocks", "flux_blocks"):
         model, desc = build(kind, args.tiny, dev)
         for nfe in (4, 10):
             for low in (False, True):
                 r = train_step(model, nfe, dev, low, repeats=1 if args.tiny else 3)
                 rows.append({**desc, "nfe": nfe, "low_gpu": low, **r})
                 print(rows[-1], flush=True)
-        batch = 4 if args.tiny else (64 if kind == "cifar10_unet" else 8)
+        batch = 4 if args.tiny else {"cifar10_unet": 64, "sd15_unet": 8}.get(kind, 2)
         base = None
-        for opt in ("float32", "bf16 autocast", "tf32", "channels_last", "torch.compile"):
-            # --tiny (CI) skips the compilation (tens of seconds on a CPU): reported as n/a
-            ips = None if args.tiny and opt == "torch.compile" else teacher_speed(model, dev, batch,
-                                                                                   4 if args.tiny else 20, opt)
+        for opt in ("float32", "bf16 autocast", "tf32", "channels_last", "torch.compile", "cuda graphs"):
+            # --tiny (CI) skips the compilations (tens of seconds on a CPU): reported as n/a
+            skip = args.tiny and opt in ("torch.compile", "cuda graphs")
+            ips = None if skip else teacher_speed(model, dev, batch, 4 if args.tiny else 20, opt)
             base = ips if opt == "float32" else base
             speed.append({"network": kind, "option": opt, "images_per_s": ips,
                           "vs_float32": (ips / base) if ips and base else None})

@@ -6,6 +6,9 @@ conditions, so prompts, guidance and latents are what the pipeline would use:
 
 - ``StableDiffusionPipeline`` (SD 1.x, 2.x; epsilon or v-prediction): the U-Net on the VP schedule of
   its scheduler config (``models/stable_diffusion.py``), classifier-free guidance with ``scale``.
+- ``StableDiffusionXLPipeline`` (SDXL base): the U-Net with SDXL's added text and size embeddings
+  (``time_ids`` = (H, W, 0, 0, H, W), as the pipeline's defaults), classifier-free guidance with ``scale``
+  against the pipeline's negative embedding (zeros, ``force_zeros_for_empty_prompt``).
 - ``StableDiffusion3Pipeline`` (SD3, SD3.5): the MMDiT's velocity on the rectified-flow schedule,
   network time 1000 t, classifier-free guidance with ``scale`` against the empty prompt.
 - ``FluxPipeline`` (FLUX.1 dev / schnell): the velocity on packed 2x2 latent patches, network time t,
@@ -119,7 +122,43 @@ class FlowPipelineNet(nn.Module):
         return self.vae.decode(z.to(dtype)).sample.to(torch.float32)
 
 
-def _flow_pipeline(o: "Options", folder: Path, kind: str) -> Model:
+class SDXLNet(nn.Module):
+    """eps of an SDXL U-Net at (x, t) on the VP schedule: added text / size embeddings, guidance."""
+
+    def __init__(self, pipe: Any, schedule: Any, guidance: float, packed: _Packed, time_ids: Tensor, prediction: str):
+        super().__init__()
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.schedule, self.guidance, self.packed, self.prediction = schedule, float(guidance), packed, prediction
+        self.register_buffer("time_ids", time_ids, persistent=False)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None, uc: Tensor | None) -> Tensor:
+        from ld3.models.base import eps_from_v
+
+        if cond is None:
+            raise ValueError("SDXL needs a prompt condition (--prompt_path)")
+        dtype = next(self.unet.parameters()).dtype
+        t = torch.as_tensor(t, device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+        t = t.reshape(-1).expand(x.shape[0])
+        t_in = self.schedule.model_time(t)
+        guided = uc is not None and self.guidance != 1.0
+        pe, pp = self.packed.unpack((torch.cat([uc, cond]) if guided else cond).to(x.device))
+        xx, tt = (torch.cat([x, x]), torch.cat([t_in, t_in])) if guided else (x, t_in)
+        ids = self.time_ids.to(x.device, dtype).expand(xx.shape[0], -1)
+        out = self.unet(xx.to(dtype), tt, encoder_hidden_states=pe.to(dtype),
+                        added_cond_kwargs={"text_embeds": pp.to(dtype), "time_ids": ids}).sample
+        if guided:
+            ou, oc = out.chunk(2)
+            out = ou + self.guidance * (oc - ou)
+        if self.prediction == "v_prediction":
+            return eps_from_v(out, x, self.schedule.alpha(t), self.schedule.sigma(t))
+        return out.to(x.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode((z / self.vae.config.scaling_factor).to(dtype)).sample.to(torch.float32)
+
+
+def _load_pipe(folder: Path):
     from diffusers import DiffusionPipeline
 
     index = json.loads((folder / "model_index.json").read_text())
@@ -128,10 +167,69 @@ def _flow_pipeline(o: "Options", folder: Path, kind: str) -> Model:
         pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **absent)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelError(f"cannot load the diffusers folder {folder}: {str(e).splitlines()[0]}") from None
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+    for name in ("transformer", "unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         m = getattr(pipe, name, None)
         if m is not None:
             m.eval().requires_grad_(False)
+    return pipe
+
+
+def _checkpointed(decode, low_gpu: bool):
+    def run(z: Tensor) -> Tensor:
+        if low_gpu and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(decode, z, use_reentrant=False)
+        return decode(z)
+
+    return run
+
+
+def _sdxl(o: "Options", folder: Path) -> Model:
+    from ld3.models.latent_diffusion import LDMError
+    from ld3.models.stable_diffusion import prediction_type, schedule_from_scheduler_config
+
+    pipe = _load_pipe(folder)
+    try:
+        schedule = schedule_from_scheduler_config(folder)
+    except LDMError as e:
+        raise ModelError(str(e)) from None
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    side = pipe.unet.config.sample_size
+    side = int(side if isinstance(side, int) else side[0]) * f
+    height, width = o.H or side, o.W or o.H or side
+    if height % f or width % f:
+        raise ModelError(f"H and W ({height}, {width}) must be multiples of the VAE factor {f}")
+    packed = _Packed()
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+    net = SDXLNet(pipe, schedule, o.scale, packed, time_ids, prediction_type(folder))
+    prompts = _read_prompts(o)
+
+    def encode(texts: list[str], device: Any) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            pe, npe, pp, npp = pipe.encode_prompt(texts, None, device=torch.device("cpu"), num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=True, negative_prompt=None)
+        return packed.pack(pe, pp).to(device), packed.pack(npe, npp).to(device)
+
+    def conditions(indices: Sequence[int], seed: int = 0, device: Any = None, balanced: bool = False):
+        if prompts is None:
+            raise ModelError(f"{folder.name} needs prompts: pass --prompt_path captions.json and --num_prompts N")
+        return encode([prompts[int(i) % len(prompts)] for i in indices], device if device is not None else "cpu")
+
+    encode(["shapes"], "cpu")
+    latent = (int(pipe.unet.config.in_channels), height // f, width // f)
+    info = {"ckp_path": str(folder), "pipeline": type(pipe).__name__, "img_shape": (3, height, width),
+            "scale": o.scale, "prompt_path": o.prompt_path, "num_prompts": o.num_prompts,
+            "prediction_type": net.prediction}
+    log.info("diffusers %s %s: latent %s -> image %s, guidance %g", type(pipe).__name__, folder, latent,
+             (3, height, width), o.scale)
+    return Model(name=f"sdxl:{folder.name}", noise_fn=net, schedule=schedule, latent_shape=latent,
+                 decode=_checkpointed(net.decode, o.low_gpu), conditions=conditions, time_mode="time", net=net,
+                 info=info)
+
+
+def _flow_pipeline(o: "Options", folder: Path, kind: str) -> Model:
+    pipe = _load_pipe(folder)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default = int(getattr(pipe, "default_sample_size", 128)) * vae_scale
     height, width = o.H or default, o.W or o.H or default
@@ -167,13 +265,7 @@ def _flow_pipeline(o: "Options", folder: Path, kind: str) -> Model:
             "scale": o.scale, "prompt_path": o.prompt_path, "num_prompts": o.num_prompts,
             "image_seq_len": (latent[1] // 2) * (latent[2] // 2), "prediction_type": "flow"}
 
-    def decode(z: Tensor) -> Tensor:
-        if o.low_gpu and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(net.decode, z, use_reentrant=False)
-        return net.decode(z)
-
+    decode = _checkpointed(net.decode, o.low_gpu)
     log.info("diffusers %s %s: latent %s -> image %s, guidance %g", type(pipe).__name__, folder, latent,
              (3, height, width), o.scale)
     return Model(name=f"{kind}:{folder.name}", noise_fn=velocity_noise_fn(net.velocity, schedule), schedule=schedule,
@@ -196,12 +288,14 @@ def load_diffusers_pipeline(o: "Options", device: torch.device) -> Model:
             return load_diffusers_folder(o, folder)
         except LDMError as e:
             raise ModelError(str(e)) from None
+    if cls == "StableDiffusionXLPipeline":
+        return _sdxl(o, folder)
     if cls == "StableDiffusion3Pipeline":
         return _flow_pipeline(o, folder, "sd3")
     if cls == "FluxPipeline":
         return _flow_pipeline(o, folder, "flux")
     raise ModelError(f"{folder}: {cls} is not supported; --model diffusers takes StableDiffusionPipeline (SD 1.x, "
-                     "2.x), StableDiffusion3Pipeline (SD3, 3.5) and FluxPipeline folders")
+                     "2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline (SD3, 3.5) and FluxPipeline folders")
 
 
-__all__ = ["load_diffusers_pipeline", "FlowPipelineNet", "pipeline_class", "FLOW_PIPELINES"]
+__all__ = ["load_diffusers_pipeline", "FlowPipelineNet", "SDXLNet", "pipeline_class", "FLOW_PIPELINES"]

@@ -290,7 +290,7 @@ for _family in (
            "Stable Diffusion (CompVis checkpoint + yaml, or a diffusers folder)", gits_dataset=lambda o: "sd"),
     Family("digits_unet", options=(), help="= edm with ckp_path embedded", **_EDM),
     Family("diffusers", _diffusers, (_H, _W, _C, _F, _SCALE, _PROMPTS, _PROMPT_PATH, _MAXSEQ),
-           "a local diffusers pipeline folder: Stable Diffusion 1.x / 2.x, SD3 / 3.5, FLUX.1",
+           "a local diffusers pipeline folder: Stable Diffusion 1.x / 2.x, SDXL, SD3 / 3.5, FLUX.1",
            schedule=_diffusers_schedule),
 ):
     register_family(_family)

@@ -98,27 +98,54 @@ def flux_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory) -> Path:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tmp = tmp_path_factory.mktemp("sdxl")
+    tok1, te1 = clip_parts(tmp / "clip1", 0, False)
+    tok2, te2 = clip_parts(tmp / "clip2", 1, True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=(2, 4), norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32).eval()
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(4), text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                     tokenizer_2=tok2, unet=unet, scheduler=sched)
+    folder = tmp / "sdxl-tiny"
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
 def family_cfg(folder: Path, scale: float, **extra) -> dict:
     return {"model": "diffusers", "ckp_path": str(folder), "prompt_path": str(captions(folder.parent)),
             "num_prompts": 3, "scale": scale, "H": 16, "W": 16, "max_sequence_length": 8, **extra}
 
 
-@pytest.mark.parametrize("kind,solver,order", [("sd3", "uni_pc", 3), ("flux", "dpm_solver++", 2)])
-def test_pipeline_folder_samples_as_the_pipeline(kind, solver, order, sd3_folder, flux_folder):
+@pytest.mark.parametrize("kind,solver,order", [("sd3", "uni_pc", 3), ("flux", "dpm_solver++", 2),
+                                               ("sdxl", "uni_pc", 2)])
+def test_pipeline_folder_samples_as_the_pipeline(kind, solver, order, sd3_folder, flux_folder, sdxl_folder):
     from diffusers import DiffusionPipeline
 
-    folder = sd3_folder if kind == "sd3" else flux_folder
-    scale = 2.0 if kind == "sd3" else 3.5
+    folder = {"sd3": sd3_folder, "flux": flux_folder, "sdxl": sdxl_folder}[kind]
+    scale = {"sd3": 2.0, "flux": 3.5, "sdxl": 4.0}[kind]
     model = build_model(family_cfg(folder, scale), CPU)
-    assert model.schedule.name == "flow" and model.info["pipeline"].startswith(("StableDiffusion3", "Flux"))
+    assert model.schedule.name == ("vp_discrete" if kind == "sdxl" else "flow")
+    assert model.info["pipeline"].startswith(("StableDiffusion3", "Flux", "StableDiffusionXL"))
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     t, tp = learned_times(model.schedule, 4)
     pipe.scheduler = ld3_scheduler((t, tp, solver, order, {}), pipe.scheduler)
     z = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(2))
-    kw = dict(prompt=PROMPTS[:2], guidance_scale=scale, height=16, width=16, max_sequence_length=8)
+    kw = dict(prompt=PROMPTS[:2], guidance_scale=scale, height=16, width=16)
+    if kind != "sdxl":
+        kw.update(max_sequence_length=8)
     if kind == "sd3":
         kw.update(negative_prompt=["", ""], latents=z * pipe.scheduler.init_noise_sigma)
+    elif kind == "sdxl":  # the pipeline's default negative: zeros (force_zeros_for_empty_prompt)
+        kw.update(latents=z * pipe.scheduler.init_noise_sigma)
     else:  # Flux takes packed latents
         kw.update(latents=type(pipe)._pack_latents(z * pipe.scheduler.init_noise_sigma, 2, 16, 8, 8))
     with torch.no_grad():

@@ -137,12 +137,13 @@ def test_v_prediction_pipeline_config_and_reuse(sd, tmp_path):
     assert isinstance(pipe.scheduler, LD3Scheduler) and len(pipe.scheduler.timesteps) == 3
 
 
-def tiny_vae():
+def tiny_vae(latent_channels: int = 16):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=16,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                         latent_channels=latent_channels,
                          layers_per_block=1, norm_num_groups=8, sample_size=16, scaling_factor=1.5,
                          shift_factor=0.1).eval()
 

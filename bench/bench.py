@@ -11,7 +11,9 @@ Every figure is measured in this run, side by side, on this machine:
   teacher on fresh noise;
 - peak memory of one training step at NFE 4 and 10, with and without --low_gpu;
 - gen_data.py images/s against the network-only bound (the same batches, no files);
-- how often validation must run (--valid_every) for the selected schedule to stay as good.
+- how often validation must run (--valid_every) for the selected schedule to stay as good;
+- several processes (torchrun, gloo on CPUs, NCCL on GPUs): gen_data.py and sample.py with 1 and 2
+  processes, and main.py's bytes all-reduced per optimizer step.
 Results: bench/out/bench.md and bench.json, with the machine and versions.
 """
 
@@ -123,6 +125,50 @@ def gen_speed(config: str, out: Path, n: int, repeats: int = 2) -> dict:
             "in_run_share_of_network": max(share), "runs_images_per_s": gen, "runs_bound_images_per_s": bound}
 
 
+def timed(args: list[str], processes: int) -> float:
+    """Wall seconds of one command, under ``torchrun --nproc_per_node processes`` when above 1."""
+    cmd = list(args) if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                             str(processes), *args]
+    t0 = time.perf_counter()
+    sh(*cmd, env={"OMP_NUM_THREADS": "1"} if processes > 1 else None)
+    return time.perf_counter() - t0
+
+
+def multi_process(config: str, data: Path, out: Path, n: int, repeats: int) -> dict:
+    """1 and 2 processes on the same work: gen_data.py (its own images/s, start-up excluded, and the
+    command's wall time), sample.py (command wall time) and main.py (training wall, bytes all-reduced).
+    Best of ``repeats`` for each; the 1-process runs use the command's default threads."""
+    import shutil
+
+    rows = {"gen_data": {}, "sample": {}, "main": {}}
+    for procs in (1, 2):
+        gen, gen_wall, samp = [], [], []
+        for _ in range(repeats):
+            folder = out / f"mp_gen{procs}"
+            shutil.rmtree(folder, ignore_errors=True)
+            gen_wall.append(timed(["gen_data.py", "--all_config", config, "--total_samples", str(n),
+                                   "--sampling_batch_size", "50", "--steps", "20", "--solver_name", "uni_pc",
+                                   "--skip_type", "edm", "--save_pt", "--data_dir", str(folder)], procs))
+            gen.append(json.loads((folder / "uni_pc_NFE20_edm_seed0" / "gen_stats.json").read_text())["images_per_s"])
+            sfolder = out / f"mp_sample{procs}"
+            shutil.rmtree(sfolder, ignore_errors=True)
+            samp.append(timed(["sample.py", "--all_config", config, "--skip_type", "edm", "--steps", "6",
+                               "--num_samples", str(n), "--sampling_batch_size", "50", "--metrics", "teacher,digits",
+                               "--teacher", "solver_name=uni_pc,steps=20,skip_type=edm", "--out_dir",
+                               str(sfolder)], procs))
+        rows["gen_data"][procs] = {"images_per_s": max(gen), "wall_s": min(gen_wall)}
+        rows["sample"][procs] = {"wall_s": min(samp), "images_per_s": n / min(samp)}
+        logs = out / f"mp_main{procs}"
+        shutil.rmtree(logs, ignore_errors=True)
+        wall = timed(["main.py", "--all_config", config, "--data_dir", str(data), "--solver_name", "uni_pc",
+                      "--steps", "4", "--main_train_batch_size", "2", "--visualize", "false", "--log_path", str(logs)],
+                     procs)
+        res = json.loads((next(logs.iterdir()) / "result.json").read_text())
+        rows["main"][procs] = {"wall_s": wall, "train_s": res["timing"]["wall_train_s"], "steps": res["optimizer_steps"],
+                               **res.get("processes", {})}
+    return {"samples": n, "repeats": repeats, **rows}
+
+
 def fresh_distance(config: str, run: Path, data: Path, solver: str, nfe: int, n: int) -> float:
     from ld3.config import parse_config
     from ld3.discretization import load_learned_times
@@ -209,6 +255,8 @@ def main() -> None:
                                          "validation_nfe_per_sample": res["nfe_per_sample"]["validation"],
                                          "fresh_distance": fresh_distance(args.config, run, data, "uni_pc", 4,
                                                                           args.n_fresh)})
+    print("several processes (torchrun) ...", flush=True)
+    report["processes"] = multi_process(args.config, data, out, 200 if args.short else 1000, 1 if args.short else 2)
     report["total_s"] = time.time() - t_all
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     md = to_markdown(report)
@@ -251,6 +299,25 @@ def to_markdown(r: dict) -> str:
         for x in r["validation"]:
             lines.append(f"| {x['valid_every']} | {x['wall_s']:.1f} | {x['validation_nfe_per_sample']:.0f} | "
                          f"{x['fresh_distance']:.5f} |")
+    if r.get("processes"):
+        mp = r["processes"]
+        g, sa, mn = mp["gen_data"], mp["sample"], mp["main"]
+        lines += ["", f"**Several processes** (torchrun, gloo; {mp['samples']} samples, best of {mp['repeats']}; "
+                  "2 processes run 1 thread each):", "",
+                  "| command | 1 process | 2 processes | speed-up |", "|---|---|---|---|",
+                  f"| gen_data.py, its own images/s (start-up excluded) | {g[1]['images_per_s']:.0f} | "
+                  f"{g[2]['images_per_s']:.0f} | {g[2]['images_per_s'] / g[1]['images_per_s']:.2f}x |",
+                  f"| gen_data.py, command wall (s) | {g[1]['wall_s']:.1f} | {g[2]['wall_s']:.1f} | "
+                  f"{g[1]['wall_s'] / g[2]['wall_s']:.2f}x |",
+                  f"| sample.py (uni_pc NFE 6, teacher + digit metrics), command wall (s) | {sa[1]['wall_s']:.1f} | "
+                  f"{sa[2]['wall_s']:.1f} | {sa[1]['wall_s'] / sa[2]['wall_s']:.2f}x |",
+                  f"| main.py (uni_pc NFE 4, batch 2), training wall (s) | {mn[1]['train_s']:.1f} | "
+                  f"{mn[2]['train_s']:.1f} | {mn[1]['train_s'] / mn[2]['train_s']:.2f}x |"]
+        if "all_reduce_bytes_per_step" in mn[2]:
+            lines.append(f"\nmain.py with 2 processes all-reduced {mn[2]['all_reduce_bytes']:,} bytes in "
+                         f"{mn[2]['all_reduce_calls']:,} calls over {mn[2]['steps']} optimizer steps: "
+                         f"**{mn[2]['all_reduce_bytes_per_step']:,.0f} bytes per step** (time-parameter gradients, "
+                         "loss sums, moved latents).")
     lines.append(f"\nBenchmark time: {r['total_s']:.0f} s.")
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ld3.errors import UserError  # re-exported: ld3.config.UserError
+from ld3.errors import PeerFailed, UserError  # UserError re-exported: ld3.config.UserError
 
 log = logging.getLogger("ld3")
 
@@ -568,6 +568,10 @@ def run_cli(fn, argv: list[str] | None = None) -> int:
         msg, code = os_error_message(e)
         print(f"error: {msg}", file=sys.stderr)
         return code
+    except PeerFailed as e:
+        if not e.quiet:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -130,13 +130,27 @@ class FID:
         self.mu, self.sigma = load_ref_stats(ref_path, self.net, device)
 
     def __call__(self, imgs: np.ndarray | Tensor) -> float:
-        if len(imgs) < 2:
-            raise UserError("FID needs at least 2 samples (50000 for numbers comparable with papers)")
-        mu, sigma = feature_stats(inception_features(imgs, self.net, self.device, self.batch))
-        if mu.shape != self.mu.shape:
+        return self.value(self.add(self.moments(), imgs))
+
+    def moments(self):
+        """An empty ``ld3.metrics.Moments`` of the reference's dimension, to ``add`` batches to."""
+        from ld3.metrics import Moments
+
+        return Moments(self.mu.size)
+
+    def add(self, moments, imgs: np.ndarray | Tensor):
+        """Add the Inception features of a batch of images to ``moments``; returns it."""
+        feats = inception_features(imgs, self.net, self.device, self.batch)
+        if feats.shape[1] != self.mu.size:
             raise UserError(f"--ref_path {self.ref_path} has {self.mu.size}-d statistics but the features "
-                            f"are {mu.size}-d; FID references hold 2048-d Inception pool statistics")
-        return frechet_from_stats(mu, sigma, self.mu, self.sigma)
+                            f"are {feats.shape[1]}-d; FID references hold 2048-d Inception pool statistics")
+        return moments.add(feats)
+
+    def value(self, moments) -> float:
+        """FID of the images behind ``moments`` (summed over processes first, if any) to the reference."""
+        if moments.n < 2:
+            raise UserError("FID needs at least 2 samples (50000 for numbers comparable with papers)")
+        return frechet_from_stats(*moments.stats(), self.mu, self.sigma)
 
 
 def is_digits(model: Any) -> bool:
@@ -164,8 +178,23 @@ class DigitsJudge:
     def __call__(self, imgs: Tensor) -> dict[str, Any]:
         """``confident_share``, ``class_histogram``, ``frechet`` (samples vs training digits) and
         ``frechet_floor`` (held-out vs training digits), see ``digit_quality``."""
-        from ld3.metrics import digit_quality
+        tally = self.tally(len(imgs))
+        self.add(tally, 0, imgs)
+        return self.value(tally)
 
+    def tally(self, n_total: int):
+        """An empty ``ld3.metrics.DigitTally`` for ``n_total`` samples, filled by ``add``."""
+        from ld3.metrics import DigitTally
+
+        return DigitTally(self.classifier, n_total, len(self.train), len(self.heldout))
+
+    def add(self, tally, start: int, imgs: Tensor) -> None:
         if tuple(imgs.shape[1:]) != DIGITS_SHAPE:
             raise UserError(f"digit metrics need 1 x 8 x 8 images, got {tuple(imgs.shape[1:])}")
-        return digit_quality(imgs, self.classifier, self.train, self.heldout, seed=self.seed)
+        tally.add(start, imgs)
+
+    def value(self, tally) -> dict[str, Any]:
+        """The metrics of the samples behind ``tally`` (summed over processes first, if any)."""
+        from ld3.metrics import digit_quality
+
+        return digit_quality(None, self.classifier, self.train, self.heldout, seed=self.seed, tally=tally)

@@ -37,6 +37,39 @@ def feature_stats(feats: Any) -> tuple[np.ndarray, np.ndarray]:
     return a.mean(axis=0), np.cov(a, rowvar=False)
 
 
+class Moments:
+    """Count, sum and sum of outer products of feature rows, in float64: the Frechet statistics of a
+    sample set built batch by batch, and summed over processes (``reduce``) before ``stats``, so a
+    torchrun job's FID is the one-process value up to the order of the float64 sums."""
+
+    def __init__(self, dim: int):
+        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def add(self, feats: Any) -> "Moments":
+        a = _as_numpy(feats)
+        if a.shape[1] != self.sum.size:
+            raise ValueError(f"features have {a.shape[1]} dims, the statistics {self.sum.size}")
+        self.n += len(a)
+        self.sum += a.sum(axis=0)
+        self.outer += a.T @ a
+        return self
+
+    def reduce(self, place: Any) -> "Moments":
+        """Sum over the processes of ``place`` (a ``ld3.distributed.Place``); a no-op in one process."""
+        if getattr(place, "active", False):
+            flat = place.sum_array(np.concatenate([[float(self.n)], self.sum, self.outer.ravel()]))
+            d = self.sum.size
+            self.n, self.sum, self.outer = int(round(flat[0])), flat[1:1 + d], flat[1 + d:].reshape(d, d)
+        return self
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu, S)`` as ``feature_stats`` gives them (unbiased covariance)."""
+        if self.n < 2:
+            raise ValueError(f"Frechet statistics need at least 2 samples, got {self.n}")
+        mu = self.sum / self.n
+        return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+
 def frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray,
                        eps: float = 1e-6) -> float:
     """``||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2))`` (real part of the matrix square root).
@@ -70,9 +103,45 @@ def _subset(n_total: int, n: int, seed: int) -> Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
+class DigitTally:
+    """What ``digit_quality`` needs, gathered batch by batch (and summed over processes by ``reduce``):
+    confident and per-class counts, and the classifier-feature moments of the first ``n`` and first
+    ``k`` samples (the ``frechet`` and ``frechet_matched`` sets) of ``n_total``."""
+
+    def __init__(self, classifier: Any, n_total: int, n_train: int, n_held: int):
+        self.classifier, self.n_total = classifier, int(n_total)
+        self.n = min(self.n_total, n_train)
+        self.k = min(self.n_total, n_held, n_train)
+        self.counts = np.zeros(12)  # [samples, confident, class 0..9]
+        self.first_n: Moments | None = None
+        self.first_k: Moments | None = None
+
+    @torch.no_grad()
+    def add(self, start: int, images: Tensor) -> None:
+        """Samples ``start .. start + len(images) - 1`` (N x 1 x 8 x 8 in [-1, 1]; clamped)."""
+        feats, probs, pred = self.classifier.predict(images.detach().float().cpu().clamp(-1, 1))
+        f = feats.double().cpu().numpy()
+        if self.first_n is None:
+            self.first_n, self.first_k = Moments(f.shape[1]), Moments(f.shape[1])
+        self.counts[0] += len(images)
+        self.counts[1] += float((probs.max(dim=1).values > 0.9).sum())
+        self.counts[2:] += torch.bincount(pred, minlength=10).double().numpy()
+        for m, upto in ((self.first_n, self.n), (self.first_k, self.k)):
+            if start < upto:
+                m.add(f[:upto - start])
+
+    def reduce(self, place: Any) -> "DigitTally":
+        if getattr(place, "active", False):
+            self.counts = place.sum_array(self.counts)
+            self.first_n.reduce(place)
+            self.first_k.reduce(place)
+        return self
+
+
 @torch.no_grad()
 def digit_quality(images: Tensor, classifier: Any, train_images: Tensor | None = None,
-                  heldout_images: Tensor | None = None, seed: int = 0) -> dict[str, Any]:
+                  heldout_images: Tensor | None = None, seed: int = 0, tally: DigitTally | None = None
+                  ) -> dict[str, Any]:
     """Judge generated 8x8 digits (N x 1 x 8 x 8, in [-1, 1]; clamped to it first).
 
     Returns a dict:
@@ -88,7 +157,8 @@ def digit_quality(images: Tensor, classifier: Any, train_images: Tensor | None =
     - ``n``, ``n_floor``: the sample counts behind ``frechet`` and the floor.
 
     ``train_images`` / ``heldout_images`` default to the split of
-    ``models.digit_classifier.load_digits_split``. Subsets are fixed by ``seed``.
+    ``models.digit_classifier.load_digits_split``. Subsets are fixed by ``seed``. With ``tally`` (a
+    ``DigitTally`` filled batch by batch, over processes) ``images`` is not used: pass None.
     """
     if train_images is None or heldout_images is None:
         from ld3.models.digit_classifier import load_digits_split
@@ -96,27 +166,28 @@ def digit_quality(images: Tensor, classifier: Any, train_images: Tensor | None =
         x_tr, _, x_va, _ = load_digits_split()
         train_images = x_tr if train_images is None else train_images
         heldout_images = x_va if heldout_images is None else heldout_images
-    images = images.detach().float().cpu().clamp(-1, 1)
-    if images.ndim != 4 or images.shape[1:] != train_images.shape[1:]:
-        raise ValueError(f"images must be N x {tuple(train_images.shape[1:])}, got {tuple(images.shape)}")
-
-    feats, probs, pred = classifier.predict(images)
+    if tally is None:
+        if images.ndim != 4 or images.shape[1:] != train_images.shape[1:]:
+            raise ValueError(f"images must be N x {tuple(train_images.shape[1:])}, got {tuple(images.shape)}")
+        tally = DigitTally(classifier, len(images), len(train_images), len(heldout_images))
+        tally.add(0, images)
     f_train, _, _ = classifier.predict(train_images)
     f_held, _, _ = classifier.predict(heldout_images)
-    n_samples = len(images)
+    n_samples, n, k = int(round(tally.counts[0])), tally.n, tally.k
 
-    n = min(n_samples, len(train_images))
     train_sub = _subset(len(train_images), len(train_images), seed)
-    k = min(n_samples, len(heldout_images), len(train_images))
     held_sub = _subset(len(heldout_images), k, seed + 1)
 
+    def versus_train(m: Moments, count: int) -> float:
+        return frechet_from_stats(*m.stats(), *feature_stats(f_train[train_sub[:count]]))
+
     floor = frechet_distance(f_held[held_sub], f_train[train_sub[:k]])
-    matched = frechet_distance(feats[:k], f_train[train_sub[:k]])
-    hist = torch.bincount(pred, minlength=10).double() / n_samples
+    matched = versus_train(tally.first_k, k)
+    hist = tally.counts[2:] / n_samples
     return dict(
-        confident_share=float((probs.max(dim=1).values > 0.9).double().mean()),
+        confident_share=float(tally.counts[1] / n_samples),
         class_histogram=[round(float(h), 4) for h in hist],
-        frechet=frechet_distance(feats[:n], f_train[train_sub[:n]]),
+        frechet=versus_train(tally.first_n, n),
         frechet_floor=floor,
         frechet_matched=matched,
         frechet_ratio=matched / floor if floor > 0 else float("inf"),

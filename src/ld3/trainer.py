@@ -275,25 +275,21 @@ class LD3Trainer:
         """After each rank updated its rows ``loc`` of ``dst``, every rank holds every row of ``idx``."""
         if not self.place.active:
             return
-        import torch.distributed as dist
-
         full = torch.zeros((len(idx),) + tuple(dst.shape[1:]), dtype=dst.dtype, device=dst.device)
         pos = {i: k for k, i in enumerate(idx)}
         if loc:
             full[torch.tensor([pos[i] for i in loc], device=dst.device)] = dst[torch.tensor(loc, device=dst.device)]
-        dist.all_reduce(full)  # each row comes from exactly one rank: the sum is that row
+        self.place.all_reduce(full)  # each row comes from exactly one rank: the sum is that row
         dst[torch.tensor(idx, device=dst.device)] = full
 
     def _reduce_grads(self) -> None:
         if not self.place.active:
             return
-        import torch.distributed as dist
-
         for p in (self.disc.params1, self.disc.params2):
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+                self.place.all_reduce(p.grad)
 
     def _grid(self, z: Tensor, t: Tensor, tp: Tensor):
         return self.student.grid(t, tp, dtype=z.dtype, device=self.device)

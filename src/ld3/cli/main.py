@@ -235,6 +235,13 @@ def _write_result(job: Job, result, rollout: Rollout, trainer: LD3Trainer, t, tp
                                   for k, v in result.nfe.items()},
                "t": t.tolist(), "t_prime": tp.tolist(),
                "lambda": job.model.schedule.lambda_(t.double().cpu()).tolist()}
+    place = trainer.place
+    if place.active:  # what the ranks exchanged: gradients, loss sums, moved latents
+        summary["processes"] = {"world": place.world, "all_reduce_bytes": place.traffic["bytes"],
+                                "all_reduce_calls": place.traffic["calls"],
+                                "all_reduce_bytes_per_step": place.traffic["bytes"] / max(1, result.steps)}
+        log.info("%d processes: %d bytes all-reduced in %d calls (%.0f bytes per optimizer step)", place.world,
+                 place.traffic["bytes"], place.traffic["calls"], summary["processes"]["all_reduce_bytes_per_step"])
     atomic_write_text(job.run_dir / "result.json", json.dumps(summary, indent=1))
     log.info("training finished: best validation loss %.6g after %d steps; times %s", result.best_loss,
              result.steps, ", ".join(f"{v:.4g}" for v in t.tolist()))

@@ -199,10 +199,14 @@ def _times(cfg: dict, model, steps: int):
 @dataclass
 class Measures:
     """What the asked metrics need, loaded before sampling (a missing file stops at once): the FID and
-    digit judges, the teacher distances, and the teacher rollout when there are no teacher files."""
+    digit judges, the teacher distances, and the teacher rollout when there are no teacher files. Each
+    batch adds to sums and feature moments (``add``); under torchrun they are summed over ranks
+    (``reduce``) and the metrics computed from them, as one process computes them."""
 
     fid: Any = None
+    fid_moments: Any = None
     judge: Any = None
+    tally: Any = None  # the digit judge's counts and moments
     dists: dict = field(default_factory=dict)
     k_teacher: int = 0  # distances on the first k samples
     teacher: Any = None  # (rollout, grid) of the teacher on fresh noise
@@ -218,10 +222,12 @@ class Measures:
             from ld3.fid import FID
 
             m.fid = FID(cfg.get("ref_path"), device, cfg.get("inception_weights"))
+            m.fid_moments = m.fid.moments()
         if "digits" in wanted:
             from ld3.fid import DigitsJudge
 
             m.judge = DigitsJudge(seed=seed)
+            m.tally = m.judge.tally(n)
         if "teacher" in wanted:
             m.dists = _distances(cfg, device)
             m.k_teacher = n if cfg.get("teacher_samples") is None else max(0, min(n, int(cfg["teacher_samples"])))
@@ -232,9 +238,14 @@ class Measures:
         m.sums = {k: 0.0 for k in m.dists}
         return m
 
-    def add(self, batch, files, device: torch.device) -> None:
-        """The distances of a sampled batch to the teacher's images (files, or a teacher rollout)."""
+    def add(self, batch, files, device: torch.device, u8) -> None:
+        """A sampled batch (``u8``: its images as saved, N x H x W x C uint8): its FID features and digit
+        scores (of the saved images), and its distances to the teacher's images (files, or a teacher rollout)."""
         start, img = batch.indices[0], batch.images
+        if self.fid is not None:
+            self.fid.add(self.fid_moments, u8)
+        if self.judge is not None:
+            self.judge.add(self.tally, start, _from_uint8(u8))
         kt = min(len(batch.indices), self.k_teacher - start)
         if not self.dists or kt <= 0:
             return
@@ -247,6 +258,19 @@ class Measures:
                           None if batch.uc is None else batch.uc[:kt])
         for name, d in self.dists.items():
             self.sums[name] += float(d(img[:kt].float(), ti.float()).sum())
+
+    def reduce(self, place: distributed.Place) -> None:
+        """Sum every rank's distances, FID moments and digit tally (a no-op in one process)."""
+        self.sums = dict(zip(self.sums, place.sum(list(self.sums.values()))))
+        if self.fid_moments is not None:
+            self.fid_moments.reduce(place)
+        if self.tally is not None:
+            self.tally.reduce(place)
+
+
+def _from_uint8(arr) -> torch.Tensor:
+    """N x H x W x C uint8 -> N x C x H x W float in [-1, 1] (what the saved images hold)."""
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def run_sample(cfg: dict, argv: list[str] | None, place: "distributed.Place | None" = None) -> Path:
@@ -287,19 +311,17 @@ def run_sample(cfg: dict, argv: list[str] | None, place: "distributed.Place | No
     chunks = []
     for b in sample_batches(roll, grid, batches, draw, device, desc=f"{label} NFE {nfe}" if place.main else None,
                             skip=lambda idx: not place.owns(owner[idx[0]])):
-        chunks.append((b.indices[0], to_uint8(b.images)))
+        u8 = to_uint8(b.images)
+        chunks.append((b.indices[0], u8))
         if cfg.get("save_png"):
             save_pngs(out_dir / "images", b.indices, b.images)
-        measures.add(b, files, device)
-    if place.active:  # every rank's images and distance sums, in sample order, to rank 0
-        import torch.distributed as dist
-
-        gathered: list = [None] * place.world
-        dist.all_gather_object(gathered, chunks)
-        chunks = sorted((c for part in gathered for c in part), key=lambda c: c[0])
-        measures.sums = dict(zip(measures.sums, place.sum(list(measures.sums.values()))))
+        measures.add(b, files, device, u8)
+    if place.active:  # metrics from statistics summed over ranks; the images, in sample order, to rank 0
+        measures.reduce(place)
+        gathered = place.gather_to_main(chunks)
         if not place.main:
             return out_dir
+        chunks = sorted((c for part in gathered for c in part), key=lambda c: c[0])
     import numpy as np
 
     arr = np.concatenate([a for _, a in chunks])
@@ -316,8 +338,7 @@ def _write_sample(cfg: dict, argv, out_dir: Path, arr, report: dict, measures: M
     from ld3.evaluate import save_grid_png, save_npz, teacher_config
 
     save_npz(out_dir / "samples.npz", arr)
-    as_float = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
-    shown = as_float[:max(1, int(cfg["grid_size"]))]
+    shown = _from_uint8(arr[:max(1, int(cfg["grid_size"]))])
     ncol = max(1, math.ceil(math.sqrt(len(shown))))
     what = f"LD3 run {cfg['load_from']}" if cfg.get("load_from") else f"baseline {report['discretization']}"
     save_grid_png(out_dir / "grid.png", shown, ncol, title=(
@@ -332,12 +353,12 @@ def _write_sample(cfg: dict, argv, out_dir: Path, arr, report: dict, measures: M
                                  "skip_type": tcfg["skip_type"], "samples": measures.k_teacher}
         report["teacher"].update({k: v / measures.k_teacher for k, v in measures.sums.items()})
     if measures.fid is not None:
-        report["fid"] = measures.fid(arr)
+        report["fid"] = measures.fid.value(measures.fid_moments)
         report["fid_ref"] = str(cfg["ref_path"])
         if len(arr) < 50000:
             log.warning("FID from %d samples is biased upwards; papers use 50000", len(arr))
     if measures.judge is not None:
-        report["digits"] = measures.judge(as_float)
+        report["digits"] = measures.judge.value(measures.tally)
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
     save_config({**cfg, "command": _command(argv)}, out_dir / "sample_config.yml")
     _print_report(report, out_dir)

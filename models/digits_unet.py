@@ -37,6 +37,7 @@ SIGMA_DATA = 0.5
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "digits_edm_unet.safetensors"
+DEFAULT_FLOW_WEIGHTS = WEIGHTS_DIR / "digits_flow_unet.safetensors"
 
 DEFAULT_ARCH: dict[str, Any] = dict(
     img_channels=DIGITS_CHANNELS,
@@ -179,6 +180,50 @@ class DigitsDenoiser(nn.Module):
         return c_skip * x + c_out * f_x.to(x.dtype)
 
 
+class DigitsFlow(nn.Module):
+    """Rectified-flow velocity ``v(x; t)`` around ``DigitsUNet``, for x_t = (1 - t) x_0 + t eps.
+
+    ``forward(x, t, class_labels=None)`` returns ``v = eps - x_0 = dx/dt``. The preconditioning is
+    EDM's idea carried over to the flow: with V = (1 - t)^2 sd^2 + t^2 the variance of x_t for data of
+    variance sd^2,
+
+        c_in   = 1 / sqrt(V)
+        c_skip = (t - (1 - t) sd^2) / V        (the best linear guess of v from x_t)
+        c_out  = sd / sqrt(V)                  (the standard deviation of what is left)
+        c_noise = log(t / (1 - t)) / 4         (= EDM's log(sigma) / 4 at sigma = t / (1 - t))
+        v = c_skip x + c_out F(c_in x, c_noise)
+
+    so the raw network's input and target have unit variance at every t. Unconditional.
+    """
+
+    label_dim = 0
+
+    def __init__(self, sigma_data: float = SIGMA_DATA, **arch: Any):
+        super().__init__()
+        self.arch = {**DEFAULT_ARCH, **arch}
+        self.sigma_data = float(sigma_data)
+        self.img_channels = self.arch["img_channels"]
+        self.img_resolution = DIGITS_RESOLUTION
+        self.model = DigitsUNet(**self.arch)
+
+    def preconditioning(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return (c_skip, c_out, c_in, c_noise) at flow times ``t`` in (0, 1) (any shape)."""
+        sd2 = self.sigma_data ** 2
+        var = (1 - t) ** 2 * sd2 + t ** 2
+        c_in = var.rsqrt()
+        return (t - (1 - t) * sd2) / var, self.sigma_data * c_in, c_in, (t.log() - torch.log1p(-t)) / 4
+
+    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        net_dtype = self.model.conv_in.weight.dtype
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        t = t.reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = self.preconditioning(t)
+        f_x = self.model((c_in * x).to(net_dtype), c_noise.reshape(-1).to(net_dtype))
+        return c_skip * x + c_out * f_x.to(x.dtype)
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or frozen)."""
     return sum(p.numel() for p in module.parameters())
@@ -195,12 +240,20 @@ def load_digits_denoiser(path: Path | str | None = None, device: torch.device | 
     The architecture comes from the JSON card beside the weights (``arch``); without a card
     the defaults of this module are used.
     """
+    return _load(DigitsDenoiser, Path(path) if path is not None else DEFAULT_WEIGHTS, device, "")
+
+
+def load_digits_flow(path: Path | str | None = None, device: torch.device | str = "cpu") -> DigitsFlow:
+    """Load the shipped (or a re-trained) rectified-flow network in eval mode (architecture from its card)."""
+    return _load(DigitsFlow, Path(path) if path is not None else DEFAULT_FLOW_WEIGHTS, device, " --objective flow")
+
+
+def _load(cls: type, path: Path, device: torch.device | str, flag: str) -> Any:
     from safetensors.torch import load_file
 
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"digits denoiser weights not found: {path} "
-                                "(re-create them with scripts/train_digits_model.py)")
+        raise FileNotFoundError(f"digits {'flow' if cls is DigitsFlow else 'denoiser'} weights not found: {path} "
+                                f"(re-create them with scripts/train_digits_model.py{flag})")
     arch: dict[str, Any] = {}
     card = card_path(path)
     sigma_data = SIGMA_DATA
@@ -208,7 +261,7 @@ def load_digits_denoiser(path: Path | str | None = None, device: torch.device | 
         info = json.loads(card.read_text())
         arch = info.get("arch", {})
         sigma_data = info.get("sigma_data", SIGMA_DATA)
-    net = DigitsDenoiser(sigma_data=sigma_data, **arch)
+    net = cls(sigma_data=sigma_data, **arch)
     net.load_state_dict(load_file(str(path), device="cpu"))
     return net.to(device).eval().requires_grad_(False)
 

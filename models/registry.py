@@ -233,6 +233,33 @@ def _edm(o: Options, device: torch.device) -> Model:
     return load_edm_model(path, device)
 
 
+def _digits_flow(o: Options, device: torch.device) -> Model:
+    """The shipped rectified-flow U-Net on the digits (or a re-trained .safetensors with its card)."""
+    from ld3.models.base import velocity_noise_fn
+    from ld3.models.digits_unet import DEFAULT_FLOW_WEIGHTS, load_digits_flow
+
+    weights = None if o.ckp_path in EMBEDDED else o.ckp_path
+    if weights is not None and not Path(weights).is_file():
+        raise ModelError(f"checkpoint {weights} not found; the embedded flow model lives at "
+                         f"{DEFAULT_FLOW_WEIGHTS.name} (set ckp_path: embedded)")
+    try:
+        net = load_digits_flow(weights, device=str(device))
+    except FileNotFoundError as e:
+        raise ModelError(str(e)) from None
+    schedule = _digits_flow_schedule(o)
+    return Model(name="digits_flow", noise_fn=velocity_noise_fn(lambda x, t, c=None, uc=None: net(x, t), schedule),
+                 schedule=schedule,
+                 latent_shape=(net.img_channels, net.img_resolution, net.img_resolution), time_mode="lambda",
+                 net=net, info={"ckp_path": str(weights or "embedded"), "dataset": "digits"})
+
+
+def _digits_flow_schedule(o: Options) -> NoiseSchedule:
+    """t from 0.99 to 1e-3: logit(t) spans the EDM digits model's log sigma range (log 80 = 4.4, log 0.002)."""
+    from ld3.samplers.schedules import FlowSchedule
+
+    return FlowSchedule(t_min=1e-3, T=0.99)
+
+
 def _edm_small(o: Options) -> bool:
     return o.model == "digits_unet" or o.ckp_path in EMBEDDED or str(o.ckp_path).startswith("models/")
 
@@ -289,6 +316,8 @@ for _family in (
     Family("conditioned_latent_diff", _latent, _LATENT + (_PROMPTS, _PROMPT_PATH),
            "Stable Diffusion (CompVis checkpoint + yaml, or a diffusers folder)", gits_dataset=lambda o: "sd"),
     Family("digits_unet", options=(), help="= edm with ckp_path embedded", **_EDM),
+    Family("digits_flow", _digits_flow, (), "the embedded rectified-flow U-Net on the digits (ckp_path: embedded, "
+           "or a re-trained .safetensors)", small=lambda o: True, schedule=_digits_flow_schedule),
     Family("diffusers", _diffusers, (_H, _W, _C, _F, _SCALE, _PROMPTS, _PROMPT_PATH, _MAXSEQ),
            "a local diffusers pipeline folder: Stable Diffusion 1.x / 2.x, SDXL, SD3 / 3.5, FLUX.1",
            schedule=_diffusers_schedule),

@@ -133,7 +133,8 @@ class FlowSchedule(NoiseSchedule):
     """
 
     name = "flow"
-    baselines = ("sd3_shift",)  # SD3's shifted grid, the usual choice for rectified-flow models
+    # SD3's shifted grid, the usual choice for rectified-flow models, and the EDM (Karras) grid in sigma / alpha
+    baselines = ("sd3_shift", "karras")
 
     def __init__(self, t_min: float = 1e-3, T: float = 0.999, num_train_timesteps: int = 1000):
         if not 0.0 < t_min < T < 1.0:

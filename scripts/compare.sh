@@ -4,6 +4,7 @@
 #
 #   scripts/compare.sh                    # writes samples/digits_gmm/compare/<solver>_<metric>/comparison.{md,csv,png}
 #   CFG=configs/digits.yml scripts/compare.sh   # the same for another config
+#   CFG=configs/digits_flow.yml TEACHER_SKIP=time_uniform N_DATA=200 N_TRAIN=100 scripts/compare.sh   # the flow model
 #
 # Each comparison.md is the table to paste into the README (it ends with the command that made it).
 set -euo pipefail
@@ -19,17 +20,20 @@ LOGS=${LOGS:-logs/$NAME}
 OUT=${OUT:-samples/$NAME/compare}
 N_TEACHER=${N_TEACHER:-1000}   # fresh noises per cell, distance to the teacher
 N_DIGITS=${N_DIGITS:-360}      # fresh noises per cell, digit Frechet distance (= held-out digits: floor comparable)
+TEACHER_SKIP=${TEACHER_SKIP:-edm}  # the teacher's grid
+N_DATA=${N_DATA:-100}            # teacher samples
+N_TRAIN=${N_TRAIN:-50}           # LD3's training samples (and as many for validation)
 
-# teacher data: uni_pc, 20 NFE, edm (the paper's default teacher)
-"$PY" gen_data.py --all_config "$CFG" --total_samples 100 --sampling_batch_size 50 --steps 20 \
-  --solver_name uni_pc --skip_type edm --save_pt --data_dir "$DATA_ROOT"
-DATA="$DATA_ROOT/uni_pc_NFE20_edm_seed0"
+# teacher data: uni_pc, 20 NFE, edm (the paper's default teacher; the flow model's config: time_uniform)
+"$PY" gen_data.py --all_config "$CFG" --total_samples "$N_DATA" --sampling_batch_size 50 --steps 20 \
+  --solver_name uni_pc --skip_type "$TEACHER_SKIP" --save_pt --data_dir "$DATA_ROOT"
+DATA="$DATA_ROOT/uni_pc_NFE20_${TEACHER_SKIP}_seed0"
 
 for solver in $SOLVERS; do
   runs=()
   for nfe in ${NFES//,/ }; do
     "$PY" main.py --all_config "$CFG" --data_dir "$DATA" --solver_name "$solver" --steps "$nfe" \
-      --num_train 50 --num_valid 50 --log_path "$LOGS"
+      --num_train "$N_TRAIN" --num_valid "$N_TRAIN" --log_path "$LOGS"
     runs+=("$(ls -d "$LOGS/$solver-N$nfe-"*"-seed0" | head -n 1)")
   done
   run_list=$(IFS=,; echo "${runs[*]}")

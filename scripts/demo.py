@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""The whole LD3 story on the embedded digits model, on a laptop CPU (`make demo`).
+"""The whole LD3 story on the embedded digits models, on a laptop CPU (`make demo`).
 
-1. teacher data: 100 samples, UniPC 20 NFE, edm schedule (gen_data.py);
-2. LD3 at NFE 4 and 6 for uni_pc and ipndm (main.py);
+For the EDM U-Net (configs/digits.yml: 100 teacher samples, uni_pc and ipndm at NFE 4 and 6) and
+then the rectified-flow U-Net (configs/digits_flow.yml: 200 teacher samples, uni_pc at NFE 4, 6, 8):
+
+1. teacher data: UniPC 20 NFE on the grid of the config's ``teacher`` (gen_data.py);
+2. LD3 for each solver and NFE on half the samples, validated on the other half (main.py);
 3. on fresh noise, distance to the teacher and digit Fréchet distance of LD3 and of every
-   hand-made schedule; a table (printed, and summary.md), an image grid and the schedule plot
-   in each run folder.
+   hand-made schedule; a table (printed, and summary.md: logs/demo/ and logs/demo/flow/), an
+   image grid and the schedule plot in each run folder.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ld3.cli import gen_data  # noqa: E402
 from ld3.cli import main as ld3_main  # noqa: E402
 from ld3.config import UserError, parse_config  # noqa: E402
 from ld3.discretization import load_learned_times  # noqa: E402
-from ld3.evaluate import baseline_names, fresh_noise, images, teacher_images  # noqa: E402
+from ld3.evaluate import parse_teacher, baseline_names, fresh_noise, images, teacher_images  # noqa: E402
 from ld3.io import atomic_write_text  # noqa: E402
 from ld3.losses import l2_distance  # noqa: E402
 from ld3.plots import image_grid  # noqa: E402
@@ -49,36 +52,51 @@ def digit_metric():
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "digits.yml"))
+    ap.add_argument("--config", default=None, help="one config only (default: digits.yml, then digits_flow.yml)")
     ap.add_argument("--out", default="logs/demo")
-    ap.add_argument("--solvers", nargs="+", default=["uni_pc", "ipndm"])
-    ap.add_argument("--nfe", nargs="+", type=int, default=[4, 6])
-    ap.add_argument("--n_teacher", type=int, default=100)
+    ap.add_argument("--solvers", nargs="+", default=None, help="default: uni_pc ipndm (U-Net), uni_pc (flow)")
+    ap.add_argument("--nfe", nargs="+", type=int, default=None, help="default: 4 6 (U-Net), 4 6 8 (flow)")
+    ap.add_argument("--n_teacher", type=int, default=None, help="default: the config's total_samples")
     ap.add_argument("--n_fresh", type=int, default=500)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    t0 = time.time()
     out = Path(args.out)
-    print(f"== 1. teacher data ({args.n_teacher} samples, uni_pc 20 NFE, edm) with {args.config}")
-    data = gen_data.main(["--all_config", args.config, "--total_samples", str(args.n_teacher),
-                          "--sampling_batch_size", str(args.n_teacher), "--steps", "20", "--solver_name", "uni_pc",
-                          "--skip_type", "edm", "--save_pt", "--save_png", "--data_dir", str(out / "train_data")])
-    half = args.n_teacher // 2
+    if args.config:
+        jobs = [(args.config, args.solvers or ["uni_pc", "ipndm"], args.nfe or [4, 6], out)]
+    else:
+        jobs = [(str(ROOT / "configs" / "digits.yml"), args.solvers or ["uni_pc", "ipndm"], args.nfe or [4, 6], out),
+                (str(ROOT / "configs" / "digits_flow.yml"), args.solvers or ["uni_pc"], args.nfe or [4, 6, 8],
+                 out / "flow")]
+    for config, solvers, nfes, where in jobs:
+        n_teacher = args.n_teacher or int(parse_config(["--all_config", config])["total_samples"])
+        demo(config, solvers, nfes, n_teacher, args.n_fresh, where)
+    return 0
+
+
+def demo(config: str, solvers: list[str], nfes: list[int], n_teacher: int, n_fresh: int, out: Path) -> None:
+    """Teacher data, LD3 for each solver and NFE, and the table against every baseline, for one config."""
+    t0 = time.time()
+    teacher_skip = parse_teacher(parse_config(["--all_config", config])["teacher"]).get("skip_type", "edm")
+    print(f"== 1. teacher data ({n_teacher} samples, uni_pc 20 NFE, {teacher_skip}) with {config}")
+    data = gen_data.main(["--all_config", config, "--total_samples", str(n_teacher),
+                          "--sampling_batch_size", str(n_teacher), "--steps", "20", "--solver_name", "uni_pc",
+                          "--skip_type", teacher_skip, "--save_pt", "--save_png", "--data_dir", str(out / "train_data")])
+    half = n_teacher // 2
     quality = digit_metric()
     table: dict[str, dict[str, str]] = {}
     cols: list[str] = []
-    for solver in args.solvers:
-        for nfe in args.nfe:
+    for solver in solvers:
+        for nfe in nfes:
             col = f"{solver} NFE {nfe}"
             cols.append(col)
             print(f"== 2. LD3: {col}")
-            run = ld3_main.main(["--all_config", args.config, "--data_dir", str(data), "--solver_name", solver,
+            run = ld3_main.main(["--all_config", config, "--data_dir", str(data), "--solver_name", solver,
                                  "--steps", str(nfe), "--num_train", str(half), "--num_valid", str(half),
                                  "--log_path", str(out / "runs")])
-            cfg = {**parse_config(["--all_config", args.config, "--solver_name", solver, "--steps", str(nfe)]),
+            cfg = {**parse_config(["--all_config", config, "--solver_name", solver, "--steps", str(nfe)]),
                    "data_dir": str(data)}
             device, model = setup_device_and_model(cfg)
-            z, c, uc = fresh_noise(cfg, model, args.n_fresh, device)
+            z, c, uc = fresh_noise(cfg, model, n_fresh, device)
             teacher = teacher_images(cfg, model, z, c, uc, 250, device)
             spec = SolverSpec.from_cfg(cfg)
             S = steps_for_nfe(solver, nfe)
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         floor = "digit classifier not available: Fréchet distance skipped"
     head = "| discretization | " + " | ".join(cols) + " |"
-    lines = [f"Distance to the teacher (L2, mean over {args.n_fresh} fresh noises)"
+    lines = [f"{model.name}: distance to the teacher (L2, mean over {n_fresh} fresh noises)"
              + (" / digit Fréchet distance" if quality else "") + "; lower is better.", "", head,
              "|---" * (len(cols) + 1) + "|"]
     for name in sorted(table, key=lambda n: (n != "LD3", n)):
@@ -114,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "summary.md", text + "\n")
     print("\n" + text)
     print(f"\n(saved to {out / 'summary.md'})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
-"""Train the embedded 8x8 digits diffusion model from scratch (EDM recipe) and judge it.
+"""Train an embedded 8x8 digits model from scratch (EDM recipe, or rectified flow) and judge it.
 
-    python scripts/train_digits_model.py --seed 0 --iters 18000
+    python scripts/train_digits_model.py --seed 0 --iters 18000                      # the EDM U-Net
+    python scripts/train_digits_model.py --objective flow --seed 0 --iters 15000     # the flow U-Net
+
+``--objective flow`` trains ``DigitsFlow`` (the same U-Net, velocity output, see its docstring) by
+conditional flow matching as SD3 does: x_t = (1 - t) y + t n, loss ``||v(x_t; t) - (n - y)||^2``
+unweighted, ``logit(t) ~ N(P_mean, P_std^2)`` (logit(t) is EDM's log sigma for sigma = t / (1 - t),
+so the noise levels are drawn as in the EDM recipe below), the same optimizer, schedule and EMA.
+Its check sampler is Heun on the flow ODE at the EDM grid's noise levels, t = sigma / (1 + sigma).
 
 Recipe (Karras et al. 2022, "EDM"): noise levels ln(sigma) ~ N(P_mean = -1.2, P_std = 1.2^2),
 loss ``w(sigma) ||D(y + n; sigma) - y||^2`` with ``w = (sigma^2 + sd^2) / (sigma sd)^2`` and
@@ -37,15 +44,17 @@ ROOT = Path(__file__).resolve().parents[1]
 from ld3.metrics import digit_quality  # noqa: E402
 from ld3.models.digit_classifier import (DEFAULT_CLASSIFIER_WEIGHTS, SPLIT_SEED, VALID_FRACTION,  # noqa: E402
                                      load_digit_classifier, load_digits_split)
-from ld3.models.digits_unet import (DEFAULT_ARCH, DEFAULT_WEIGHTS, DIGITS_IMG_SHAPE, SIGMA_DATA,  # noqa: E402
-                                DigitsDenoiser, count_parameters, load_digits_denoiser, sha256_of,
-                                write_weights)
+from ld3.models.digits_unet import (DEFAULT_ARCH, DEFAULT_FLOW_WEIGHTS, DEFAULT_WEIGHTS,  # noqa: E402
+                                    DIGITS_IMG_SHAPE, SIGMA_DATA, DigitsDenoiser, DigitsFlow, count_parameters,
+                                    load_digits_denoiser, load_digits_flow, sha256_of, write_weights)
 
 log = logging.getLogger("train_digits_model")
 
 P_MEAN, P_STD = -1.2, 1.2
 REFERENCE_SIGMAS = (0.002, 0.05, 0.5, 2.0, 80.0)
+REFERENCE_TIMES = (0.002, 0.05, 0.3, 0.7, 0.99)
 DEFAULT_TEST_REFERENCE = ROOT / "tests" / "data" / "digits_denoiser_reference.safetensors"
+FLOW_TEST_REFERENCE = ROOT / "tests" / "data" / "digits_flow_reference.safetensors"
 
 
 def edm_loss(net: DigitsDenoiser, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -55,6 +64,14 @@ def edm_loss(net: DigitsDenoiser, y: torch.Tensor, gen: torch.Generator) -> torc
     noise = torch.randn(y.shape, generator=gen) * sigma
     d = net(y + noise, sigma.reshape(-1))
     return (weight * (d - y) ** 2).mean()
+
+
+def flow_loss(net: DigitsFlow, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Conditional flow matching: ``||v(x_t; t) - (n - y)||^2`` at x_t = (1 - t) y + t n, logit(t) normal."""
+    t = torch.sigmoid(torch.randn(y.shape[0], 1, 1, 1, generator=gen) * P_STD + P_MEAN)
+    noise = torch.randn(y.shape, generator=gen)
+    v = net((1 - t) * y + t * noise, t.reshape(-1))
+    return ((v - (noise - y)) ** 2).mean()
 
 
 def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -89,6 +106,31 @@ def heun_sample(net: DigitsDenoiser, z: torch.Tensor, num_steps: int = 32, batch
     return torch.cat(out)
 
 
+@torch.no_grad()
+def flow_heun_sample(net: DigitsFlow, z: torch.Tensor, num_steps: int = 32, batch_size: int = 500) -> torch.Tensor:
+    """Heun on the flow ODE dx/dt = v(x; t) at t_i = s_i / (1 + s_i), s_i the EDM grid's noise levels
+    (x at t_0 = 80/81 is t_0 z, the data part left out as the samplers' priors do); the last step, to
+    t = 0, is Euler. State in float64. NFE = 2 * num_steps - 1."""
+    sig = edm_sigma_steps(num_steps)
+    ts = sig / (1 + sig)
+    out = []
+    for zb in z.split(batch_size):
+        x = zb.double() * ts[0]
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            d = net(x, t)
+            x_next = x + (t_next - t) * d
+            if t_next > 0:
+                x_next = x + (t_next - t) * 0.5 * (d + net(x_next, t_next))
+            x = x_next
+        out.append(x.float())
+    return torch.cat(out)
+
+
+def sample(net: torch.nn.Module, z: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The check sampler of either objective."""
+    return (flow_heun_sample if isinstance(net, DigitsFlow) else heun_sample)(net, z, num_steps=num_steps)
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4, pad: int = 1) -> None:
     """Save images (N x 1 x 8 x 8 in [-1, 1]) as a PNG grid, ink white on black."""
     import matplotlib
@@ -109,24 +151,31 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4, 
     matplotlib.image.imsave(str(path), canvas.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
 
 
-def write_test_reference(net: DigitsDenoiser, weights_sha256: str, path: Path) -> None:
-    """Store a fixed input, noise levels and ``D`` outputs for the regression test."""
+def write_test_reference(net: DigitsDenoiser | DigitsFlow, weights_sha256: str, path: Path) -> None:
+    """Store a fixed input, noise levels (flow: times) and ``D`` (flow: ``v``) outputs for the regression test."""
     from safetensors.torch import save_file
 
     x = torch.randn(2, *DIGITS_IMG_SHAPE, generator=torch.Generator().manual_seed(0))
-    sig = torch.tensor(REFERENCE_SIGMAS, dtype=torch.float32)
-    with torch.no_grad():
-        outs = torch.stack([net(x * max(float(s), 1.0), s) for s in sig])
+    if isinstance(net, DigitsFlow):
+        ts = torch.tensor(REFERENCE_TIMES, dtype=torch.float32)
+        with torch.no_grad():
+            outs = torch.stack([net(x, t) for t in ts])
+        tensors = {"x": x, "times": ts, "v": outs.contiguous()}
+        note = "v[i] = v(x, times[i]) of the shipped EMA weights"
+    else:
+        sig = torch.tensor(REFERENCE_SIGMAS, dtype=torch.float32)
+        with torch.no_grad():
+            outs = torch.stack([net(x * max(float(s), 1.0), s) for s in sig])
+        tensors = {"x": x, "sigmas": sig, "d": outs.contiguous()}
+        note = "d[i] = D(x * max(sigmas[i], 1), sigmas[i]) of the shipped EMA weights"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"x": x, "sigmas": sig, "d": outs.contiguous()}, str(tmp),
-              metadata={"weights_sha256": weights_sha256,
-                        "note": "d[i] = D(x * max(sigmas[i], 1), sigmas[i]) of the shipped EMA weights"})
+    save_file(tensors, str(tmp), metadata={"weights_sha256": weights_sha256, "note": note})
     tmp.chmod(0o644)
     tmp.replace(path)
 
 
-def time_calls(net: DigitsDenoiser, batch_sizes: tuple[int, ...] = (1, 10, 100),
+def time_calls(net: DigitsDenoiser | DigitsFlow, batch_sizes: tuple[int, ...] = (1, 10, 100),
                threads: tuple[int, ...] = (1, 2), repeats: int = 50) -> list[dict]:
     """Median wall time of one call of ``D`` (forward, and forward+backward w.r.t. x) per setting.
 
@@ -168,16 +217,18 @@ def lr_at(it: int, iters: int, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(args: argparse.Namespace) -> tuple[DigitsDenoiser, dict]:
+def train(args: argparse.Namespace) -> tuple[DigitsDenoiser | DigitsFlow, dict]:
     """Train and return the EMA network (eval mode) and the training figures."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x_tr, _, _, _ = load_digits_split()
     arch = {**DEFAULT_ARCH, "model_channels": args.model_channels, "channel_mult": tuple(args.channel_mult),
             "emb_channels": args.emb_channels, "dropout": args.dropout}
-    net = DigitsDenoiser(sigma_data=SIGMA_DATA, **arch).train()
+    flow = args.objective == "flow"
+    net = (DigitsFlow if flow else DigitsDenoiser)(sigma_data=SIGMA_DATA, **arch).train()
+    loss_fn = flow_loss if flow else edm_loss
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    log.info("DigitsDenoiser %s: %d parameters; %d training digits", arch, count_parameters(net), len(x_tr))
+    log.info(f"{type(net).__name__} %s: %d parameters; %d training digits", arch, count_parameters(net), len(x_tr))
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
 
     t0 = time.perf_counter()
@@ -195,7 +246,7 @@ def train(args: argparse.Namespace) -> tuple[DigitsDenoiser, dict]:
         pos += args.batch_size
         for group in opt.param_groups:
             group["lr"] = lr_at(it, args.iters, args.lr, args.warmup)
-        loss = edm_loss(net, y, gen)
+        loss = loss_fn(net, y, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -219,16 +270,17 @@ def train(args: argparse.Namespace) -> tuple[DigitsDenoiser, dict]:
     return ema, figures
 
 
-def evaluate(net: DigitsDenoiser, classifier_path: Path, num_samples: int, steps: int,
+def evaluate(net: DigitsDenoiser | DigitsFlow, classifier_path: Path, num_samples: int, steps: int,
              seed: int) -> tuple[dict, torch.Tensor]:
     """Draw samples with the Heun sampler and score them with the digit classifier."""
     clf = load_digit_classifier(classifier_path)
     z = torch.randn(num_samples, *DIGITS_IMG_SHAPE, generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
-    images = heun_sample(net, z, num_steps=steps)
+    images = sample(net, z, steps)
     seconds = time.perf_counter() - t0
     q = digit_quality(images, clf)
-    q.update(sampler=f"EDM Heun, {steps} steps (NFE {2 * steps - 1}), rho 7, sigma 80 -> 0.002 -> 0",
+    what = "flow ODE Heun at t = s / (1 + s)" if isinstance(net, DigitsFlow) else "EDM Heun"
+    q.update(sampler=f"{what}, {steps} steps (NFE {2 * steps - 1}), rho 7, sigma 80 -> 0.002 -> 0",
              num_samples=num_samples, noise_seed=seed, sampling_seconds=round(seconds, 1),
              classifier_sha256=sha256_of(classifier_path))
     hist = q["class_histogram"]
@@ -237,7 +289,7 @@ def evaluate(net: DigitsDenoiser, classifier_path: Path, num_samples: int, steps
     return q, images
 
 
-def evaluate_seeds(net: DigitsDenoiser, classifier_path: Path, num_samples: int, steps: int,
+def evaluate_seeds(net: DigitsDenoiser | DigitsFlow, classifier_path: Path, num_samples: int, steps: int,
                    num_seeds: int) -> dict:
     """Spread of the quality figures over noise seeds 0..num_seeds-1 (and the floor over train subsets).
 
@@ -250,7 +302,7 @@ def evaluate_seeds(net: DigitsDenoiser, classifier_path: Path, num_samples: int,
     floors, failing = [], []
     for seed in range(num_seeds):
         z = torch.randn(num_samples, *DIGITS_IMG_SHAPE, generator=torch.Generator().manual_seed(seed))
-        q = digit_quality(heun_sample(net, z, num_steps=steps), clf, seed=seed)
+        q = digit_quality(sample(net, z, steps), clf, seed=seed)
         q["min_class_share"], q["max_class_share"] = min(q["class_histogram"]), max(q["class_histogram"])
         q["frechet_ratio"] = q["frechet_matched"] / q["frechet_floor"]
         for k in keys:
@@ -269,9 +321,10 @@ def evaluate_seeds(net: DigitsDenoiser, classifier_path: Path, num_samples: int,
     return summary
 
 
-def train_and_save(args: argparse.Namespace, argv: list[str] | None) -> tuple[DigitsDenoiser, dict]:
+def train_and_save(args: argparse.Namespace, argv: list[str] | None) -> tuple[DigitsDenoiser | DigitsFlow, dict]:
     """Train, write the EMA weights and their card; return the EMA network and the card."""
     ema, figures = train(args)
+    flow = args.objective == "flow"
     argv_used = list(sys.argv[1:] if argv is None else argv)
     cmd = shlex.join(["python", "scripts/train_digits_model.py", *argv_used])
     # The command that gives these exact weights again: a wall-time stop becomes an iteration stop.
@@ -281,7 +334,8 @@ def train_and_save(args: argparse.Namespace, argv: list[str] | None) -> tuple[Di
         repro += ["--stop_after", str(figures["iters"])]
     repro = shlex.join(["python", "scripts/train_digits_model.py", *repro])
     card = dict(
-        model="DigitsDenoiser (EDM preconditioning around DigitsUNet)", arch=ema.arch, sigma_data=SIGMA_DATA,
+        model=("DigitsFlow (rectified-flow velocity, preconditioned, around DigitsUNet)" if flow else
+               "DigitsDenoiser (EDM preconditioning around DigitsUNet)"), arch=ema.arch, sigma_data=SIGMA_DATA,
         params=count_parameters(ema), img_shape=[ema.img_channels, 8, 8],
         data=dict(source="sklearn.datasets.load_digits", split="train", split_seed=SPLIT_SEED,
                   valid_fraction=VALID_FRACTION, scaling="x / 8 - 1 (grey levels 0..16 -> [-1, 1])",
@@ -289,7 +343,10 @@ def train_and_save(args: argparse.Namespace, argv: list[str] | None) -> tuple[Di
         training=dict(seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       lr_schedule="linear warm-up, cosine decay to 5%", optimizer="Adam(0.9, 0.999)",
                       ema_halflife_kimg=args.ema_halflife_kimg, ema_rampup=args.ema_rampup,
-                      P_mean=P_MEAN, P_std=P_STD, loss_weight="(s^2 + sd^2) / (s sd)^2",
+                      **(dict(objective="flow matching, v = noise - y", logit_t_mean=P_MEAN, logit_t_std=P_STD,
+                              loss_weight="none") if flow else
+                         dict(objective="EDM denoising", P_mean=P_MEAN, P_std=P_STD,
+                              loss_weight="(s^2 + sd^2) / (s sd)^2")),
                       threads=args.threads, torch=torch.__version__, command=cmd, reproduce=repro,
                       saved="EMA weights", **figures),
     )
@@ -300,6 +357,8 @@ def train_and_save(args: argparse.Namespace, argv: list[str] | None) -> tuple[Di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objective", choices=("edm", "flow"), default="edm",
+                    help="edm: the EDM denoiser (digits_edm_unet); flow: the rectified-flow network (digits_flow_unet)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iters", type=int, default=18000, help="optimizer steps (the reproducible budget)")
     ap.add_argument("--minutes", type=float, default=0.0, help="optional wall-time cap (0: none)")
@@ -327,18 +386,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not train: re-measure the weights at --out and update their JSON card")
     ap.add_argument("--no_bench", action="store_true", help="skip timing the network calls")
     ap.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER_WEIGHTS)
-    ap.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
-    ap.add_argument("--samples_png", default=str(ROOT / "docs" / "digits_samples.png"),
-                    help="PNG grid of the first 100 samples ('' to skip)")
-    ap.add_argument("--test_reference", default=str(DEFAULT_TEST_REFERENCE),
+    ap.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped one of --objective)")
+    ap.add_argument("--samples_png", default=None,
+                    help="PNG grid of the first 100 samples ('' to skip; default docs/digits[_flow]_samples.png)")
+    ap.add_argument("--test_reference", default=None,
                     help="where to store the regression-test reference outputs ('' to skip)")
     args = ap.parse_args(argv)
+    flow = args.objective == "flow"
+    if args.out is None:
+        args.out = DEFAULT_FLOW_WEIGHTS if flow else DEFAULT_WEIGHTS
+    if args.samples_png is None:
+        args.samples_png = str(ROOT / "docs" / ("digits_flow_samples.png" if flow else "digits_samples.png"))
+    if args.test_reference is None:
+        args.test_reference = str(FLOW_TEST_REFERENCE if flow else DEFAULT_TEST_REFERENCE)
     args.channel_mult = [int(m) if float(m).is_integer() else m for m in args.channel_mult]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
 
     if args.eval_only:
-        ema = load_digits_denoiser(args.out)
+        ema = (load_digits_flow if flow else load_digits_denoiser)(args.out)
         card = json.loads(args.out.with_suffix(".json").read_text())
         if card.get("sha256") != sha256_of(args.out):
             log.error("%s does not match the sha256 in its card; retrain instead of --eval_only", args.out)

@@ -42,7 +42,7 @@ TEACHER_KEYS = _teacher_keys()
 EXAMPLE_TEACHER = "solver_name=uni_pc,steps=20,skip_type=edm,order=3,unipc_variant=bh1"
 
 
-def _parse_teacher(spec: str) -> dict:
+def parse_teacher(spec: str) -> dict:
     out: dict[str, Any] = {}
     for part in str(spec).split(","):
         if not part.strip():
@@ -70,12 +70,12 @@ def teacher_config(cfg: dict) -> dict:
     if p is not None and p.is_file():
         g = yaml.safe_load(p.read_text()) or {}
         out = {k: g[k] for k in TEACHER_KEYS if g.get(k) is not None}
-        if cfg.get("teacher") and any(out.get(k) != v for k, v in _parse_teacher(cfg["teacher"]).items()):
+        if cfg.get("teacher") and any(out.get(k) != v for k, v in parse_teacher(cfg["teacher"]).items()):
             log.warning("--teacher %s ignored: %s says the teacher was %s", cfg["teacher"], p,
                         ",".join(f"{k}={v}" for k, v in out.items()))
         return out
     if cfg.get("teacher"):
-        return _parse_teacher(cfg["teacher"])
+        return parse_teacher(cfg["teacher"])
     where = f"{data_dir} has no gen_config.yml (the paper's code writes none)" if data_dir else "no --data_dir given"
     raise UserError(f"cannot tell which teacher to run: {where}; give --teacher {EXAMPLE_TEACHER} (the teacher of "
                     "the paper's configs), or --data_dir of a folder gen_data.py wrote")

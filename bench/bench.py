@@ -3,6 +3,7 @@
 
     python bench/bench.py            # full: uni_pc and ipndm at NFE 4, 6, 10 (make bench)
     python bench/bench.py --short    # one solver, one NFE (CI)
+    python bench/bench.py --quality  # ours vs --paper_compat, 3 training seeds, both embedded models (~40 min)
 
 Every figure is measured in this run, side by side, on this machine:
 - main.py with the config's defaults (plots on): wall time of the training, time inside network
@@ -202,11 +203,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--short", action="store_true", help="one solver, one NFE, no validation study (CI)")
     ap.add_argument("--n_fresh", type=int, default=200)
+    ap.add_argument("--quality", action="store_true",
+                    help="only the quality-at-cost table: our defaults vs --paper_compat at uni_pc, dpm_solver++, "
+                         "ipndm x NFE 4, 6, 10, median of 3 training seeds, on the mixture and the U-Net "
+                         "(scripts/quality_seeds.sh for each; bench/out_quality/quality.md)")
     ap.add_argument("--memprobe", nargs=4, metavar=("SOLVER", "NFE", "LOW_GPU", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memprobe:
         s, n, low, b = args.memprobe
         print(json.dumps(memprobe(args.config, s, int(n), low == "1", int(b))))
+        return
+    if args.quality:
+        quality_table(Path(args.out if args.out != str(ROOT / "bench" / "out") else ROOT / "bench" / "out_quality"))
         return
     out = Path(args.out)
     import shutil
@@ -262,6 +270,26 @@ def main() -> None:
     md = to_markdown(report)
     (out / "bench.md").write_text(md)
     print(md)
+
+
+def quality_table(out: Path) -> None:
+    """scripts/quality_seeds.sh on both embedded configs (same teacher files for both modes; L2 to 200 fresh
+    teacher samples; seconds per main.py command), the tables one after the other with the target checked."""
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"Quality at cost (target: ours <= 0.8 x --paper_compat in every cell, no slower); {machine()['date']}.", ""]
+    for cfg in ("configs/digits_gmm.yml", "configs/digits.yml"):
+        print(f"quality_seeds.sh {cfg} ...", flush=True)
+        r = subprocess.run(["bash", "scripts/quality_seeds.sh"], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, CFG=cfg, OUT=str(out), PY=sys.executable))
+        if r.returncode:
+            sys.exit(f"quality_seeds.sh failed for {cfg}\n{r.stderr[-3000:]}")
+        table = (out / f"{Path(cfg).stem}.md").read_text().strip()
+        rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "NFE" not in line]
+        miss = [f"{r[0].strip()} {r[1].strip()}" for r in rows if float(r[4]) > 0.8 or float(r[5]) > float(r[6])]
+        parts += [f"**{Path(cfg).name}**", "", table, "",
+                  f"Cells missing the target: {', '.join(miss) if miss else 'none'}.", ""]
+    (out / "quality.md").write_text("\n".join(parts))
+    print("\n".join(parts))
 
 
 def to_markdown(r: dict) -> str:

@@ -90,11 +90,23 @@ def test_missing_weights_are_one_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "not found" in err[0] and not (tmp_path / "logs").exists()
 
 
+def readme_flow_commands() -> list[list[str]]:
+    """The bash block of README's "The embedded flow model" section, as argv lists."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### The embedded flow model"):]
+    block = section[section.index("```bash\n") + 8:]
+    block = block[:block.index("```")]
+    return [shlex.split(cmd) for cmd in block.replace("\\\n", " ").splitlines() if cmd.strip()]
+
+
 @pytest.mark.slow
-def test_ld3_on_the_flow_model_beats_every_baseline(tmp_path):
-    """Teacher uni_pc 20 NFE (uniform t), LD3 uni_pc NFE 6 with the config's defaults (100 + 100 samples):
-    closer to the teacher on 300 fresh noises than uniform t, SD3's shift 3, logSNR, EDM/Karras and the
-    paper's other grids (measured: 0.0028 vs uniform t's 0.0041, the best baseline)."""
+def test_readme_flow_commands_learn_a_schedule_ahead_of_every_baseline(tmp_path, monkeypatch):
+    """README's two commands for the flow model, as written (in an empty working directory; the config is the
+    packaged copy): teacher uni_pc 20 NFE on uniform t, LD3 uni_pc NFE 6 with the config's defaults (100 + 100
+    samples). The schedule is closer to the teacher on 300 fresh noises than uniform t, SD3's shift 3, logSNR,
+    EDM/Karras and the paper's other grids (measured: 0.0028 vs uniform t's 0.0041, the best baseline)."""
     from ld3.cli import gen_data
     from ld3.cli import main as ld3_main
     from ld3.config import parse_config
@@ -103,10 +115,12 @@ def test_ld3_on_the_flow_model_beats_every_baseline(tmp_path):
     from ld3.losses import l2_distance
     from ld3.models.registry import build_model
 
-    data = gen_data.main(["--all_config", CFG, "--sampling_batch_size", "100", "--steps", "20", "--solver_name",
-                          "uni_pc", "--skip_type", "time_uniform", "--save_pt", "--data_dir", str(tmp_path / "data")])
-    run = ld3_main.main(["--all_config", CFG, "--data_dir", str(data), "--steps", "6", "--log_path",
-                         str(tmp_path / "logs")])
+    monkeypatch.chdir(tmp_path)
+    (gen, gen_args), (train, train_args) = ((c[1], c[2:]) for c in readme_flow_commands())
+    assert (gen, train) == ("gen_data.py", "main.py")
+    data = gen_data.main(gen_args)
+    run = ld3_main.main(train_args)
+    assert Path(data).resolve() == (tmp_path / train_args[train_args.index("--data_dir") + 1]).resolve()
     t, tp = load_learned_times(Path(run) / "best_v2.pt")
     cfg = {**parse_config(["--all_config", CFG, "--steps", "6"]), "data_dir": str(data), "visualize": False}
     model = build_model(cfg, torch.device("cpu"))

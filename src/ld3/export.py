@@ -10,7 +10,7 @@ The JSON holds, for the learned times ``t_0 = T > ... > t_S = t_min`` (and the n
   steps, the last one from ``sigma_min`` to 0; pass ``sigmas[:-1]`` to stop at ``sigma_min`` after S steps
   as LD3's own sampler does);
 - for discrete-time models (``vp_discrete``, N training steps), ``timesteps``: the integer network times
-  ``round(N (t_i - 1/N))`` of ``t_0 .. t_{S-1}``, descending, unique, in ``[1, N - 1]`` (no trailing 0: the
+  ``round(N (t_i - 1/N))`` (flow models: ``round(N t_i)``) of ``t_0 .. t_{S-1}``, descending, unique, in ``[1, N - 1]`` (no trailing 0: the
   last interval ends at ``t_min``, training step 0, which diffusers schedulers reach by themselves:
   ``final_sigmas_type="sigma_min"`` stops there, ``"zero"`` denoises fully);
 - for EDM (``ve``) models, ``edm_karras_ramp``: the positions in [0, 1] that diffusers'
@@ -201,7 +201,8 @@ def export_dict(t: Tensor, tp: Tensor, schedule: NoiseSchedule, *, solver: str, 
         out["schedule"]["num_train_timesteps"] = n_train
         out["timesteps"] = ts
         out["timesteps_max_rounding"] = round(moved, 4)
-        notes.append(f"timesteps = round(N (t_i - 1/N)) for i < S (N = {n_train}), rounded by up to "
+        formula = "N t_i" if schedule.name == "flow" else "N (t_i - 1/N)"  # the schedule's network time
+        notes.append(f"timesteps = round({formula}) for i < S (N = {n_train}), rounded by up to "
                      f"{moved:.2f} training steps; the last interval ends at t_min = training step 0: use "
                      "final_sigmas_type='sigma_min' to stop there as LD3 does ('zero' denoises fully).")
     if schedule.name == "ve":

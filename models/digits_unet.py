@@ -140,13 +140,13 @@ class DigitsUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class DigitsDenoiser(nn.Module):
-    """EDM-preconditioned denoiser ``D(x; sigma)`` around ``DigitsUNet``.
+class _Preconditioned(nn.Module):
+    """``c_skip x + c_out F(c_in x, c_noise)`` around ``DigitsUNet``: what the EDM denoiser and the flow model
+    share; each says in ``preconditioning`` what its coefficients are at its noise variable (sigma, or t).
 
-    ``forward(x, sigma, class_labels=None)``: ``x`` is B x C x H x W, ``sigma`` a scalar or a
-    tensor with one value per sample. The model is unconditional: ``class_labels`` is
-    accepted for EDM compatibility and ignored (as EDM does when ``label_dim == 0``).
-    The network runs in its own dtype; ``D`` is returned in ``x``'s dtype.
+    ``forward(x, s, class_labels=None)``: ``x`` is B x C x H x W, ``s`` a scalar or a tensor with one value
+    per sample. Unconditional: ``class_labels`` is accepted for EDM compatibility and ignored (as EDM does
+    when ``label_dim == 0``). The network runs in its own dtype; the output is in ``x``'s dtype.
     """
 
     label_dim = 0
@@ -159,6 +159,23 @@ class DigitsDenoiser(nn.Module):
         self.img_resolution = DIGITS_RESOLUTION
         self.model = DigitsUNet(**self.arch)
 
+    def preconditioning(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, s: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        net_dtype = self.model.conv_in.weight.dtype
+        s = torch.as_tensor(s, dtype=x.dtype, device=x.device)
+        if s.ndim == 0:
+            s = s.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.preconditioning(s.reshape(-1, 1, 1, 1))
+        f_x = self.model((c_in * x).to(net_dtype), c_noise.reshape(-1).to(net_dtype))
+        return c_skip * x + c_out * f_x.to(x.dtype)
+
+
+class DigitsDenoiser(_Preconditioned):
+    """EDM-preconditioned denoiser ``D(x; sigma)`` around ``DigitsUNet``: ``forward(x, sigma, class_labels=None)``
+    (see ``_Preconditioned``), EDM's ``EDMPrecond`` signature."""
+
     def preconditioning(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return (c_skip, c_out, c_in, c_noise) for noise levels ``sigma`` (any shape)."""
         sd2 = self.sigma_data ** 2
@@ -169,18 +186,8 @@ class DigitsDenoiser(nn.Module):
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
-    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        net_dtype = self.model.conv_in.weight.dtype
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        sigma = sigma.reshape(-1, 1, 1, 1)
-        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
-        f_x = self.model((c_in * x).to(net_dtype), c_noise.reshape(-1).to(net_dtype))
-        return c_skip * x + c_out * f_x.to(x.dtype)
 
-
-class DigitsFlow(nn.Module):
+class DigitsFlow(_Preconditioned):
     """Rectified-flow velocity ``v(x; t)`` around ``DigitsUNet``, for x_t = (1 - t) x_0 + t eps.
 
     ``forward(x, t, class_labels=None)`` returns ``v = eps - x_0 = dx/dt``. The preconditioning is
@@ -196,32 +203,12 @@ class DigitsFlow(nn.Module):
     so the raw network's input and target have unit variance at every t. Unconditional.
     """
 
-    label_dim = 0
-
-    def __init__(self, sigma_data: float = SIGMA_DATA, **arch: Any):
-        super().__init__()
-        self.arch = {**DEFAULT_ARCH, **arch}
-        self.sigma_data = float(sigma_data)
-        self.img_channels = self.arch["img_channels"]
-        self.img_resolution = DIGITS_RESOLUTION
-        self.model = DigitsUNet(**self.arch)
-
     def preconditioning(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return (c_skip, c_out, c_in, c_noise) at flow times ``t`` in (0, 1) (any shape)."""
         sd2 = self.sigma_data ** 2
         var = (1 - t) ** 2 * sd2 + t ** 2
         c_in = var.rsqrt()
         return (t - (1 - t) * sd2) / var, self.sigma_data * c_in, c_in, (t.log() - torch.log1p(-t)) / 4
-
-    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        net_dtype = self.model.conv_in.weight.dtype
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        t = t.reshape(-1, 1, 1, 1)
-        c_skip, c_out, c_in, c_noise = self.preconditioning(t)
-        f_x = self.model((c_in * x).to(net_dtype), c_noise.reshape(-1).to(net_dtype))
-        return c_skip * x + c_out * f_x.to(x.dtype)
 
 
 def count_parameters(module: nn.Module) -> int:

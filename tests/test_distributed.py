@@ -111,6 +111,20 @@ def test_sample_two_ranks_equal_one(tmp_path):
     assert a["fid"] > 0 and a["digits.frechet"] > 0
 
 
+def test_sample_with_a_rank_that_gets_no_batch(tmp_path):
+    """One batch for two ranks: rank 1 samples nothing yet joins every sum; the metrics are rank 0's alone."""
+    import json
+
+    d = tmp_path / "s"
+    args = [str(ROOT / "sample.py"), "--all_config", CFG, "--skip_type", "edm", "--steps", "4", "--num_samples",
+            "4", "--sampling_batch_size", "5", "--metrics", "teacher,digits", "--out_dir", str(d)]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        *args], capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["num_samples"] == 4 and m["teacher"]["samples"] == 4 and m["digits"]["n"] == 4
+
+
 def _rank_pids(marker: str, rank: int) -> list[int]:
     """Process ids of the workers whose command line holds ``marker`` and whose RANK is ``rank``."""
     pids = []

@@ -113,16 +113,16 @@ class DigitTally:
         self.n = min(self.n_total, n_train)
         self.k = min(self.n_total, n_held, n_train)
         self.counts = np.zeros(12)  # [samples, confident, class 0..9]
-        self.first_n: Moments | None = None
-        self.first_k: Moments | None = None
+        # the feature dimension up front: a rank that samples no batch still takes part in ``reduce``
+        with torch.no_grad():
+            dim = classifier.predict(torch.zeros(1, 1, 8, 8))[0].shape[1]
+        self.first_n, self.first_k = Moments(dim), Moments(dim)
 
     @torch.no_grad()
     def add(self, start: int, images: Tensor) -> None:
         """Samples ``start .. start + len(images) - 1`` (N x 1 x 8 x 8 in [-1, 1]; clamped)."""
         feats, probs, pred = self.classifier.predict(images.detach().float().cpu().clamp(-1, 1))
         f = feats.double().cpu().numpy()
-        if self.first_n is None:
-            self.first_n, self.first_k = Moments(f.shape[1]), Moments(f.shape[1])
         self.counts[0] += len(images)
         self.counts[1] += float((probs.max(dim=1).values > 0.9).sum())
         self.counts[2:] += torch.bincount(pred, minlength=10).double().numpy()

@@ -249,7 +249,7 @@ def _digits_flow(o: Options, device: torch.device) -> Model:
     schedule = _digits_flow_schedule(o)
     return Model(name="digits_flow", noise_fn=velocity_noise_fn(lambda x, t, c=None, uc=None: net(x, t), schedule),
                  schedule=schedule,
-                 latent_shape=(net.img_channels, net.img_resolution, net.img_resolution), time_mode="lambda",
+                 latent_shape=(net.img_channels, net.img_resolution, net.img_resolution), time_mode="time",
                  net=net, info={"ckp_path": str(weights or "embedded"), "dataset": "digits"})
 
 

@@ -68,15 +68,17 @@ def main(argv: list[str] | None = None) -> int:
                 (str(ROOT / "configs" / "digits_flow.yml"), args.solvers or ["uni_pc"], args.nfe or [4, 6, 8],
                  out / "flow")]
     for config, solvers, nfes, where in jobs:
-        n_teacher = args.n_teacher or int(parse_config(["--all_config", config])["total_samples"])
-        demo(config, solvers, nfes, n_teacher, args.n_fresh, where)
+        demo(config, solvers, nfes, args.n_teacher, args.n_fresh, where)
     return 0
 
 
-def demo(config: str, solvers: list[str], nfes: list[int], n_teacher: int, n_fresh: int, out: Path) -> None:
-    """Teacher data, LD3 for each solver and NFE, and the table against every baseline, for one config."""
+def demo(config: str, solvers: list[str], nfes: list[int], n_teacher: int | None, n_fresh: int, out: Path) -> None:
+    """Teacher data (``n_teacher`` samples, default the config's total_samples), LD3 for each solver and
+    NFE, and the table against every baseline, for one config."""
     t0 = time.time()
-    teacher_skip = parse_teacher(parse_config(["--all_config", config])["teacher"]).get("skip_type", "edm")
+    base = parse_config(["--all_config", config])
+    n_teacher = n_teacher or int(base["total_samples"])
+    teacher_skip = parse_teacher(base["teacher"]).get("skip_type", "edm")
     print(f"== 1. teacher data ({n_teacher} samples, uni_pc 20 NFE, {teacher_skip}) with {config}")
     data = gen_data.main(["--all_config", config, "--total_samples", str(n_teacher),
                           "--sampling_batch_size", str(n_teacher), "--steps", "20", "--solver_name", "uni_pc",

@@ -191,6 +191,9 @@ OPTIONS: dict[str, Opt] = {
     "gits_ts": Opt(_none_or(str), None, "comma-separated EDM sigmas of a prior schedule"),
     "valid_every": Opt(_int, 10, "validate after every k optimizer steps (ours; the paper's code: 1. Measured on "
                        "the digits U-Net, 10 is as good on fresh noise and twice as fast: see README, Performance)"),
+    "valid_use": Opt(str, "train", "what the num_valid samples are for: train (ours): learned from with the num_train "
+                     "ones, and the best checkpoint is chosen on all of them; select (the paper's code): only "
+                     "choosing the best checkpoint. Measured: README, Departures", ("train", "select")),
     "eval_on_one": Opt(str2bool, False, "validate on the first validation batch only until the first patience "
                        "event (the paper's code: true)"),
     "latent_step": Opt(str, "sample", "z' steps on each sample's own loss (ours) or on the batch-mean loss "
@@ -320,7 +323,7 @@ def check_values(cfg: dict, table: dict[str, "Opt"], from_cli: set[str], yml_pat
 
 
 PAPER_VALUES: dict[str, Any] = {
-    "valid_every": 1, "eval_on_one": True, "latent_step": "mean", "latent_check": "new_times",
+    "valid_every": 1, "valid_use": "select", "eval_on_one": True, "latent_step": "mean", "latent_check": "new_times",
     "reload_latents": True, "window": "params", "order_rng": "global", "arithmetic": "paper",
     "dpmpp_3m": "paper", "noise": "paper",
 }
@@ -337,7 +340,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "learning": ("loss_type", "lpips_size", "time_mode", "training_rounds_v1", "training_rounds_v2", "no_v1",
                  "lr_time_1", "lr_time_2", "momentum_time_1", "weight_decay_time_1", "min_lr_time_1",
                  "min_lr_time_2", "lr_time_decay", "patient", "lr2_patient", "shift_lr", "shift_lr_decay",
-                 "prior_bound", "fix_bound", "win_rate", "match_prior", "valid_every", "eval_on_one", "latent_step",
+                 "prior_bound", "fix_bound", "win_rate", "match_prior", "valid_every", "valid_use", "eval_on_one", "latent_step",
                  "latent_check", "reload_latents", "window", "order_rng", "visualize", "eval_fresh", "sampling_seed"),
     "sampling": ("data_dir", "sampling_batch_size", "sampling_seed", "teacher", "ref_path", "fid_folder",
                  "save_png", "seed"),

@@ -33,7 +33,7 @@ RUN_KEYS = ("solver_name", "steps", "order", "time_mode", "seed", "loss_type", "
             "main_train_batch_size", "main_valid_batch_size", "training_rounds_v1", "training_rounds_v2", "no_v1",
             "lr_time_1", "lr_time_2", "momentum_time_1", "weight_decay_time_1", "min_lr_time_1", "min_lr_time_2",
             "lr_time_decay", "patient", "lr2_patient", "shift_lr", "shift_lr_decay", "prior_bound", "fix_bound",
-            "win_rate", "match_prior", "use_gits", "gits_ts", "dataset", "valid_every", "eval_on_one",
+            "win_rate", "match_prior", "use_gits", "gits_ts", "dataset", "valid_every", "valid_use", "eval_on_one",
             "latent_step", "latent_check", "reload_latents", "window", "order_rng", "arithmetic")
 
 
@@ -145,7 +145,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Options added after records were first written, with the value that computes what was computed before
 # them: a record without the key was made with that value.
-ADDED_LATER: dict[str, Any] = {"final_denoise": False, "flow_shift": "3.0"}
+ADDED_LATER: dict[str, Any] = {"final_denoise": False, "flow_shift": "3.0", "valid_use": "select"}
 
 
 def differences(recorded: dict, current: dict) -> list[tuple[str, Any, Any]]:

@@ -24,6 +24,7 @@ teacher_pair "$CFG" "$root"
 VARIANTS=(
   "paper|"
   "valid_every 10|--valid_every 10"
+  "valid_use train|--valid_use train"
   "eval_on_one false|--eval_on_one false"
   "latent_step sample|--latent_step sample"
   "latent_check same_times|--latent_check same_times"

@@ -55,6 +55,8 @@ def test_main_learns_from_the_validation_samples_too(data, tmp_path):
     assert r_ours["optimizer_steps"] == 2 * 4  # 2 rounds x (8 samples / batch 2)
     assert r_paper["optimizer_steps"] == 2 * 2  # 2 rounds x (4 samples / batch 2)
     assert r_ours["best_valid_loss"] != r_paper["best_valid_loss"]  # chosen on other samples
+    assert r_ours["samples"] == {"valid_use": "train", "learned_from": 8, "validated_on": 8}
+    assert r_paper["samples"] == {"valid_use": "select", "learned_from": 4, "validated_on": 4}
     assert "learning from 8 samples" in (ours / "log.txt").read_text()
     assert "learning from 4 samples" in (paper / "log.txt").read_text()
     assert json.loads((ours / RECORD).read_text())["valid_use"] == "train"

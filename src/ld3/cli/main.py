@@ -242,6 +242,8 @@ def _write_result(job: Job, result, rollout: Rollout, trainer: LD3Trainer, t, tp
               "loss_s": loss.total_s, "overhead_factor": wall / busy if busy > 0 else None}
     summary = {"timing": timing, "memory": peak_memory(job.device),
                "best_valid_loss": result.best_loss, "best_v1_valid_loss": result.best_v1_loss,
+               "samples": {"valid_use": job.cfg["valid_use"], "learned_from": len(trainer.train),
+                           "validated_on": len(trainer.valid)},
                "optimizer_steps": result.steps, "stopped_early": result.stopped_early,
                "nfe_per_sample": {k: v / len(trainer.train) if k != "validation" else v / len(trainer.valid)
                                   for k, v in result.nfe.items()},

@@ -41,8 +41,6 @@ BLOCKS = {
     "quality_gmm": ("samples/quality_seeds/digits_gmm.md", "CFG=configs/digits_gmm.yml scripts/quality_seeds.sh"),
     "quality_unet": ("samples/quality_seeds/digits.md", "CFG=configs/digits.yml scripts/quality_seeds.sh"),
     "departures_gmm": ("samples/departures/digits_gmm.md", "scripts/departures.sh"),
-    "paper_compat_gmm": ("samples/paper_compat/digits_gmm.md", "scripts/paper_compat.sh"),
-    "paper_compat_unet": ("samples/paper_compat/digits.md", "scripts/paper_compat.sh"),
 }
 
 

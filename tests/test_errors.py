@@ -173,7 +173,9 @@ class NaNAfter(torch.nn.Module):
         return out * float("nan") if self.calls > self.after else out
 
 
-def test_nan_stops_with_message_and_keeps_best(tmp_path, capsys, data, monkeypatch):
+@pytest.mark.parametrize("trainer,where,fix", [("rounds", "optimizer step", "--lr_time_1"),
+                                              ("full_batch", "iteration", "--fb_lr_1")])
+def test_nan_stops_with_message_and_keeps_best(tmp_path, capsys, data, monkeypatch, trainer, where, fix):
     def loader(cfg, device):
         m = digits_gmm_model("ve")
         m.noise_fn = NaNAfter(m.noise_fn, after=60)
@@ -182,12 +184,12 @@ def test_nan_stops_with_message_and_keeps_best(tmp_path, capsys, data, monkeypat
 
     monkeypatch.setitem(registry.FAMILIES, "nan_model", registry.Family("nan_model", loader))
     argv = train_args(data, tmp_path / "logs", "--model", "nan_model",
-                      "--training_rounds_v1", "3", "--training_rounds_v2", "3")
+                      "--training_rounds_v1", "3", "--training_rounds_v2", "3", "--trainer", trainer)
     code = run_cli(ld3_main.main, argv)
     err = capsys.readouterr().err
     assert code == 2
     msg = [x for x in err.splitlines() if x.startswith("error:")][0]
-    assert "NaN" in msg and "optimizer step" in msg and "--lr_time_1" in msg
+    assert "NaN" in msg and where in msg and fix in msg
     run_dir = next((tmp_path / "logs").iterdir())
     ck = torch.load(run_dir / "best_v2.pt", weights_only=True)
     assert torch.isfinite(ck["best_t_steps"]).all()
@@ -204,7 +206,9 @@ BAD_VALUES = [
     (["--threads", "0"], ["--threads 0", ">= 1"]),
     (["--lr_time_decay", "0"], ["--lr_time_decay", "> 0"]),
     (["--shift_lr", "-2"], ["--shift_lr", ">= 0"]),
-    (["--training_rounds_v1", "0", "--training_rounds_v2", "0"], ["training_rounds_v1 + training_rounds_v2"]),
+    (["--trainer", "rounds", "--training_rounds_v1", "0", "--training_rounds_v2", "0"],
+     ["training_rounds_v1 + training_rounds_v2"]),
+    (["--fb_iters_v1", "0", "--fb_iters_v2", "0"], ["fb_iters_v1 + fb_iters_v2", "nothing would be learned"]),
     (["--valid_every", "0"], ["--valid_every 0", ">= 1"]),
     (["--patient", "-1"], ["--patient -1", ">= 1"]),
     (["--gits_ts", "80,abc"], ["--gits_ts", "comma-separated numbers"]),

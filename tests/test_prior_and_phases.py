@@ -44,24 +44,25 @@ def _train(tmp: Path, data: Path, *extra: str) -> Path:
                                "10", "--log_path", str(tmp), "--visualize", "false", *extra]))
 
 
-def test_match_prior_starts_from_the_given_sigmas(tmp_path, data):
-    run = _train(tmp_path, data, "--match_prior", "--gits_ts", SIGMAS, "--training_rounds_v1", "0",
-                 "--training_rounds_v2", "0")
+@pytest.mark.parametrize("trainer,zero,one", [
+    ("rounds", ("--training_rounds_v1", "0", "--training_rounds_v2", "0"), ("--training_rounds_v1", "1", "--training_rounds_v2", "1")),
+    ("full_batch", ("--fb_iters_v1", "0", "--fb_iters_v2", "0"), ("--fb_iters_v1", "5", "--fb_iters_v2", "5"))])
+def test_match_prior_starts_from_the_given_sigmas(tmp_path, data, trainer, zero, one):
+    run = _train(tmp_path, data, "--trainer", trainer, "--match_prior", "--gits_ts", SIGMAS, *zero)
     assert run.name.endswith("-match_prior")
     ck = torch.load(run / "best_v2.pt", weights_only=True)
     t = ck["best_t_steps"][:5]
     expected = from_edm_sigmas(VESchedule(), [float(s) for s in SIGMAS.split(",")])
     assert torch.allclose(t, expected, rtol=1e-8)
     # and learning moves on from there
-    run = _train(tmp_path / "b", data, "--match_prior", "--gits_ts", SIGMAS, "--training_rounds_v1", "1",
-                 "--training_rounds_v2", "1")
+    run = _train(tmp_path / "b", data, "--trainer", trainer, "--match_prior", "--gits_ts", SIGMAS, *one)
     t2 = torch.load(run / "best_v2.pt", weights_only=True)["best_t_steps"][:5]
     assert not torch.allclose(t2, expected, rtol=1e-3)
 
 
 def test_no_v1_learns_only_params2(tmp_path, data):
     """As the paper's code: --no_v1 keeps every round (phase 1 too) and trains params2 alone in all of them."""
-    run = _train(tmp_path, data, "--no_v1", "--training_rounds_v2", "2")
+    run = _train(tmp_path, data, "--trainer", "rounds", "--no_v1", "--training_rounds_v2", "2")
     assert run.name.endswith("-no_v1_only_v2")
     ck = torch.load(run / "best_v2.pt", weights_only=True)
     assert torch.equal(ck["params1"], torch.ones_like(ck["params1"]))
@@ -70,6 +71,15 @@ def test_no_v1_learns_only_params2(tmp_path, data):
     assert torch.equal(v1["params1"], torch.ones_like(v1["params1"]))
     t, tp = ck["best_t_steps"][:5], ck["best_t_steps"][5:]
     assert torch.equal(t[[0, -1]], tp[[0, -1]]) and not torch.equal(t, tp)
+
+
+def test_no_v1_full_batch_learns_only_params2(tmp_path, data):
+    """--trainer full_batch with --no_v1: no phase 1 (no best_v1.pt); phase 2 moves params2 alone."""
+    run = _train(tmp_path, data, "--no_v1", "--fb_iters_v2", "6")
+    ck = torch.load(run / "best_v2.pt", weights_only=True)
+    assert torch.equal(ck["params1"], torch.ones_like(ck["params1"]))
+    assert ck["params2"].abs().max() > 0
+    assert not (run / "best_v1.pt").exists()
 
 
 def test_gen_data_with_gits_ts_samples_on_those_times(tmp_path):

@@ -49,8 +49,8 @@ def test_default_and_paper_values():
 
 def test_main_learns_from_the_validation_samples_too(data, tmp_path):
     """Optimizer steps per round and network calls per sample tell which samples were learned from."""
-    ours = Path(ld3_main.main(args(data, tmp_path / "ours")))
-    paper = Path(ld3_main.main(args(data, tmp_path / "paper", "--valid_use", "select")))
+    ours = Path(ld3_main.main(args(data, tmp_path / "ours", "--trainer", "rounds")))
+    paper = Path(ld3_main.main(args(data, tmp_path / "paper", "--trainer", "rounds", "--valid_use", "select")))
     r_ours, r_paper = (json.loads((p / "result.json").read_text()) for p in (ours, paper))
     assert r_ours["optimizer_steps"] == 2 * 4  # 2 rounds x (8 samples / batch 2)
     assert r_paper["optimizer_steps"] == 2 * 2  # 2 rounds x (4 samples / batch 2)
@@ -60,6 +60,20 @@ def test_main_learns_from_the_validation_samples_too(data, tmp_path):
     assert "learning from 8 samples" in (ours / "log.txt").read_text()
     assert "learning from 4 samples" in (paper / "log.txt").read_text()
     assert json.loads((ours / RECORD).read_text())["valid_use"] == "train"
+
+
+def test_full_batch_learns_from_what_valid_use_says(data, tmp_path):
+    """Full batch: the gradient runs over all 8 samples (train) or the first 4 (select, chosen on the other 4)."""
+    fb = ("--fb_iters_v1", "3", "--fb_iters_v2", "3")
+    ours = Path(ld3_main.main(args(data, tmp_path / "ours", *fb)))
+    paper = Path(ld3_main.main(args(data, tmp_path / "paper", *fb, "--valid_use", "select")))
+    r_ours, r_paper = (json.loads((p / "result.json").read_text()) for p in (ours, paper))
+    assert r_ours["samples"] == {"valid_use": "train", "learned_from": 8, "validated_on": 8}
+    assert r_paper["samples"] == {"valid_use": "select", "learned_from": 4, "validated_on": 4}
+    # 6 iterations x 3 calls (NFE 3) per learning sample
+    assert r_ours["nfe_per_sample"]["train"] == r_paper["nfe_per_sample"]["train"] == 6 * 3
+    assert r_ours["nfe_per_sample"]["validation"] == 2 * 3  # the two phase ends
+    assert r_paper["nfe_per_sample"]["validation"] > 2 * 3  # + the starting point and every valid_every
 
 
 def test_a_run_made_with_the_other_use_is_not_reused(data, tmp_path, capsys):

@@ -169,6 +169,15 @@ OPTIONS: dict[str, Opt] = {
     "loss_type": Opt(str, "LPIPS", "LPIPS, L2 or L1", ("LPIPS", "L2", "L1")),
     "lpips_size": Opt(_int, 32, "LPIPS: images smaller than this are resized up to it (the paper's sizes, 32 and "
                       "up, are used as they are) (ours)"),
+    "trainer": Opt(str, "full_batch", "how the times are learned: full_batch (ours): Adam on the exact gradient of "
+                   "all learning samples, fb_iters_v1 + fb_iters_v2 iterations with a cosine-decaying rate; rounds "
+                   "(the paper's code): 2-sample RMSprop/SGD steps over training_rounds_v1 + training_rounds_v2 "
+                   "rounds with latent moves, validation and patience. Measured: README, Departures",
+                   ("full_batch", "rounds")),
+    "fb_iters_v1": Opt(_int, 40, "full_batch: iterations of phase 1 (params1: the times t) (ours)"),
+    "fb_iters_v2": Opt(_int, 40, "full_batch: iterations of phase 2 (params1 and params2: t and t') (ours)"),
+    "fb_lr_1": Opt(_float, 0.1, "full_batch: Adam rate of phase 1, falling to 0 along a half cosine (ours)"),
+    "fb_lr_2": Opt(_float, 0.05, "full_batch: Adam rate of phase 2, falling to 0 along a half cosine (ours)"),
     "training_rounds_v1": Opt(_int, 2, "rounds of phase 1 (params1 only)"),
     "training_rounds_v2": Opt(_int, 5, "rounds of phase 2 (params1 and params2)"),
     "no_v1": Opt(str2bool, False, "skip phase 1 and learn only params2"),
@@ -294,7 +303,8 @@ RANGES: dict[str, tuple] = {
     "lr_time_decay": (0, 1, True), "patient": (1, None, False), "lr2_patient": (1, None, False),
     "shift_lr": (0, None, False), "shift_lr_decay": (0, 1, True), "prior_bound": (0, None, False),
     "win_rate": (0, 1, False), "valid_every": (1, None, False), "sampling_seed": (0, None, False),
-    "eval_fresh": (0, None, False),
+    "eval_fresh": (0, None, False), "fb_iters_v1": (0, None, False), "fb_iters_v2": (0, None, False),
+    "fb_lr_1": (0, None, True), "fb_lr_2": (0, None, True),
 }
 for _k, (_lo, _hi, _open) in RANGES.items():
     OPTIONS[_k] = Opt(OPTIONS[_k].type, OPTIONS[_k].default, OPTIONS[_k].help, OPTIONS[_k].choices, _lo, _hi, _open)
@@ -306,12 +316,13 @@ def check_values(cfg: dict, table: dict[str, "Opt"], from_cli: set[str], yml_pat
     for k, opt in table.items():
         if k in cfg:
             opt.check(k, cfg[k], f"--{k}" if k in from_cli else f"{yml_path or 'the config'}: {k}:")
-    v1, v2 = cfg.get("training_rounds_v1"), cfg.get("training_rounds_v2")
+    rounds = cfg.get("trainer", "rounds") == "rounds"
+    what, unit = ("training_rounds", "round") if rounds else ("fb_iters", "iteration")
+    v1, v2 = cfg.get(f"{what}_v1"), cfg.get(f"{what}_v2")
     if isinstance(v1, int) and isinstance(v2, int):
         if (0 if cfg.get("no_v1") else v1) + v2 < 1 and not cfg.get("match_prior"):
-            raise UserError("training_rounds_v1 + training_rounds_v2 is 0 (with --no_v1: training_rounds_v2): "
-                            "nothing would be learned; give at least one round (zero rounds only with "
-                            "--match_prior, to save the fitted prior)")
+            raise UserError(f"{what}_v1 + {what}_v2 is 0 (with --no_v1: {what}_v2): nothing would be learned; "
+                            f"give at least one {unit} (zero only with --match_prior, to save the fitted prior)")
     ts = cfg.get("gits_ts")
     if ts:
         try:
@@ -323,7 +334,7 @@ def check_values(cfg: dict, table: dict[str, "Opt"], from_cli: set[str], yml_pat
 
 
 PAPER_VALUES: dict[str, Any] = {
-    "valid_every": 1, "valid_use": "select", "eval_on_one": True, "latent_step": "mean", "latent_check": "new_times",
+    "trainer": "rounds", "valid_every": 1, "valid_use": "select", "eval_on_one": True, "latent_step": "mean", "latent_check": "new_times",
     "reload_latents": True, "window": "params", "order_rng": "global", "arithmetic": "paper",
     "dpmpp_3m": "paper", "noise": "paper",
 }
@@ -337,7 +348,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "teacher data": ("total_samples", "sampling_batch_size", "data_dir", "save_pt", "save_png", "seed", "noise"),
     "training data": ("data_dir", "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size",
                       "log_path", "seed", "resume"),
-    "learning": ("loss_type", "lpips_size", "time_mode", "training_rounds_v1", "training_rounds_v2", "no_v1",
+    "learning": ("loss_type", "lpips_size", "time_mode", "trainer", "fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2",
+                 "training_rounds_v1", "training_rounds_v2", "no_v1",
                  "lr_time_1", "lr_time_2", "momentum_time_1", "weight_decay_time_1", "min_lr_time_1",
                  "min_lr_time_2", "lr_time_decay", "patient", "lr2_patient", "shift_lr", "shift_lr_decay",
                  "prior_bound", "fix_bound", "win_rate", "match_prior", "valid_every", "valid_use", "eval_on_one", "latent_step",

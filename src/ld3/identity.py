@@ -34,7 +34,7 @@ RUN_KEYS = ("solver_name", "steps", "order", "time_mode", "seed", "loss_type", "
             "lr_time_1", "lr_time_2", "momentum_time_1", "weight_decay_time_1", "min_lr_time_1", "min_lr_time_2",
             "lr_time_decay", "patient", "lr2_patient", "shift_lr", "shift_lr_decay", "prior_bound", "fix_bound",
             "win_rate", "match_prior", "use_gits", "gits_ts", "dataset", "valid_every", "valid_use", "eval_on_one",
-            "latent_step", "latent_check", "reload_latents", "window", "order_rng", "arithmetic")
+            "latent_step", "latent_check", "reload_latents", "window", "order_rng", "arithmetic", "trainer")
 
 
 def _cache_file() -> Path:
@@ -125,8 +125,13 @@ def data_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+FULL_BATCH_KEYS = ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2")
+
+
 def run_identity(cfg: dict, model, data_files: list[Path]) -> dict:
     out = {k: cfg.get(k) for k in RUN_KEYS}
+    if cfg.get("trainer") == "full_batch":
+        out.update({k: cfg.get(k) for k in FULL_BATCH_KEYS})
     out.update(solver_identity(cfg), model=model_identity(cfg, model), data=data_fingerprint(data_files))
     if cfg.get("loss_type") == "LPIPS":
         out["lpips_size"] = cfg.get("lpips_size")
@@ -145,7 +150,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Options added after records were first written, with the value that computes what was computed before
 # them: a record without the key was made with that value.
-ADDED_LATER: dict[str, Any] = {"final_denoise": False, "flow_shift": "3.0", "valid_use": "select"}
+ADDED_LATER: dict[str, Any] = {"final_denoise": False, "flow_shift": "3.0", "valid_use": "select", "trainer": "rounds"}
 
 
 def differences(recorded: dict, current: dict) -> list[tuple[str, Any, Any]]:
@@ -154,7 +159,9 @@ def differences(recorded: dict, current: dict) -> list[tuple[str, Any, Any]]:
     for k, v in ADDED_LATER.items():
         if k in b and k not in a:
             a[k] = v
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    # options both records name come first: they say what differs (an option only one names follows from them)
+    keys = sorted(set(a) | set(b), key=lambda k: (not (k in a and k in b), k))
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
 def read_identity(folder: Path) -> dict | None:

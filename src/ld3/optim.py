@@ -1,4 +1,5 @@
-"""The two optimizers of LD3's time parameters, RMSprop and SGD, for one tensor each.
+"""The optimizers of LD3's time parameters, for one tensor each: RMSprop and SGD (the paper's rounds),
+Adam (our full-batch trainer, ``ld3.full_batch``).
 
 They perform torch.optim's single-tensor updates, operation for operation in its order (so a run is
 the same to the last bit), without torch.optim itself: its first use imports ``torch._dynamo`` and with
@@ -85,4 +86,31 @@ class SGD(_One):
             self.param.add_(self.param.grad, alpha=-self.param_groups[0]["lr"])
 
 
-__all__ = ["RMSprop", "SGD"]
+class Adam(_One):
+    """``torch.optim.Adam([param], lr, betas, eps)`` (no weight decay, no amsgrad), its single-tensor update."""
+
+    _TORCH_GROUP = {"weight_decay": 0, "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                    "differentiable": False, "fused": None, "decoupled_weight_decay": False}
+
+    def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(param, lr=lr, betas=tuple(betas), eps=eps)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        p, g = self.param, self.param_groups[0]
+        if p.grad is None:
+            return
+        if not self.state:
+            self.state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        beta1, beta2 = g["betas"]
+        self.state["step"] += 1
+        grad, m, v = p.grad, self.state["exp_avg"], self.state["exp_avg_sq"]
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = float(self.state["step"])
+        step_size = g["lr"] / (1 - beta1**step)
+        denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(g["eps"])
+        p.addcdiv_(m, denom, value=-step_size)
+
+
+__all__ = ["RMSprop", "SGD", "Adam"]

@@ -26,6 +26,7 @@ from ld3 import distributed
 from ld3.config import UserError, parse_config, run_cli, save_config, setup_logging
 from ld3.data import SampleSet, load_samples
 from ld3.discretization import LearnedDiscretization, checkpoint_dict
+from ld3.full_batch import FullBatchConfig, FullBatchTrainer
 from ld3.figures import FigureHelper
 from ld3.identity import check_run_folder, run_identity, write_identity
 from ld3.io import (FolderLock, atomic_torch_save, atomic_write_text, remove_stale_temporaries,
@@ -150,9 +151,10 @@ def learning_sets(data: SampleSet, n_train: int, n_valid: int, valid_use: str) -
     return data.subset(slice(0, n_train)), data.subset(slice(n_train, n_train + n_valid))
 
 
-def _trainer(job: Job, rollout: Rollout) -> LD3Trainer:
-    """The discretization (fitted to the prior with --match_prior) and its trainer, resumed with --resume;
-    with every improvement it writes the best checkpoints (rank 0), as the paper's code."""
+def _trainer(job: Job, rollout: Rollout) -> "LD3Trainer | FullBatchTrainer":
+    """The discretization (fitted to the prior with --match_prior) and its trainer, resumed with --resume.
+    The rounds trainer writes the best checkpoints with every improvement (rank 0), as the paper's code; the
+    full-batch one, which improves at nearly every iteration, with its saved state (``_train``)."""
     cfg, model, run_dir = job.cfg, job.model, job.run_dir
     disc = LearnedDiscretization(model.schedule, job.steps, time_mode(cfg, model), float(cfg["win_rate"]),
                                  window=cfg["window"], arithmetic=cfg["arithmetic"]).to(job.device)
@@ -168,8 +170,20 @@ def _trainer(job: Job, rollout: Rollout) -> LD3Trainer:
             atomic_torch_save(ck, run_dir / "best_v1.pt")
         atomic_torch_save(ck, run_dir / "best_v2.pt")
 
-    rng = torch.default_generator if cfg["order_rng"] == "global" else None
     train, valid = learning_sets(job.data, job.n_train, job.n_valid, cfg["valid_use"])
+    if cfg["trainer"] == "full_batch":
+        fb = FullBatchConfig(iters_v1=int(cfg["fb_iters_v1"]), iters_v2=int(cfg["fb_iters_v2"]),
+                             lr_1=float(cfg["fb_lr_1"]), lr_2=float(cfg["fb_lr_2"]),
+                             chunk=int(cfg["main_valid_batch_size"]), valid_every=int(cfg["valid_every"]),
+                             no_v1=bool(cfg.get("no_v1")))
+        trainer: LD3Trainer | FullBatchTrainer = FullBatchTrainer(
+            disc, rollout, job.distance, train, valid, fb, job.device, count_calls=lambda: rollout.fn.calls,
+            place=job.place)
+        if cfg.get("resume"):
+            trainer.load_state_dict(safe_load(job.state_file, "saved state"))
+            log.info("resuming after iteration %d", trainer.state.it)
+        return trainer
+    rng = torch.default_generator if cfg["order_rng"] == "global" else None
     trainer = LD3Trainer(disc, rollout, job.distance, train, valid,
                          train_config_from(cfg, job.bound, job.shift_lr, job.lr2), job.device, rng=rng,
                          seed=int(cfg["seed"]), on_improve=on_improve, count_calls=lambda: rollout.fn.calls,
@@ -186,18 +200,28 @@ def _train(job: Job) -> Path:
         save_config({**cfg, "bound": job.bound, "shift_lr": job.shift_lr, "lr_time_2_resolved": job.lr2,
                      "S": job.steps, "time_mode": time_mode(cfg, model), "processes": job.place.world},
                     run_dir / "config.yml")
-    log.info("run %s: %s, NFE %d (%d steps), bound %.8g, shift_lr %.8g, lr_time_2 %.8g, learning from %d samples%s",
-             run_dir.name, cfg["solver_name"], job.nfe, job.steps, job.bound, job.shift_lr, job.lr2,
-             job.n_train + job.n_valid if cfg["valid_use"] == "train" else job.n_train,
-             " (paper_compat)" if cfg.get("paper_compat") else "")
+    learned_from = job.n_train + job.n_valid if cfg["valid_use"] == "train" else job.n_train
+    if cfg["trainer"] == "full_batch":
+        log.info("run %s: %s, NFE %d (%d steps), full batch: %d + %d Adam iterations (rates %.4g, %.4g) on the exact "
+                 "gradient of %d samples, latents fixed", run_dir.name, cfg["solver_name"], job.nfe, job.steps,
+                 0 if cfg.get("no_v1") else cfg["fb_iters_v1"], cfg["fb_iters_v2"], cfg["fb_lr_1"], cfg["fb_lr_2"],
+                 learned_from)
+    else:
+        log.info("run %s: %s, NFE %d (%d steps), rounds: bound %.8g, shift_lr %.8g, lr_time_2 %.8g, learning from %d "
+                 "samples%s", run_dir.name, cfg["solver_name"], job.nfe, job.steps, job.bound, job.shift_lr, job.lr2,
+                 learned_from, " (paper_compat)" if cfg.get("paper_compat") else "")
     t_start = time.perf_counter()
     rollout = Rollout(model, SolverSpec.from_cfg(cfg), low_gpu=bool(cfg["low_gpu"]), timed=True)
     trainer = _trainer(job, rollout)
 
-    def save_state(tr: LD3Trainer) -> None:
+    def save_state(tr) -> None:
         if writes:
             atomic_torch_save(tr.state_dict(), job.state_file)
             save_history(tr.state.history, run_dir / "history.json")
+            if isinstance(tr, FullBatchTrainer):
+                if tr.state.best_v1 is not None:
+                    atomic_torch_save(tr.state.best_v1, run_dir / "best_v1.pt")
+                atomic_torch_save(tr.best_checkpoint(), run_dir / "best_v2.pt")
 
     t_train = time.perf_counter()
     # Figures are drawn once, at the end (the paper's code redraws them at every new best), by a
@@ -234,7 +258,7 @@ def _train(job: Job) -> Path:
     return run_dir
 
 
-def _write_result(job: Job, result, rollout: Rollout, trainer: LD3Trainer, t, tp, wall: float) -> None:
+def _write_result(job: Job, result, rollout: Rollout, trainer, t, tp, wall: float) -> None:
     """result.json: timing (network, loss, overhead factor), memory, losses, steps, NFE and the times."""
     net, loss = rollout.fn.clock, trainer.distance.clock
     busy = net.total_s + loss.total_s

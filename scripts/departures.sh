@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One departure at a time (README, "Departures from the paper's code"): learn with --paper_compat, then
 # with --paper_compat and a single option set back to ours, from the same teacher files; measure each
-# schedule's L2 to 200 fresh teacher samples and the training time. Writes samples/departures/<config>.md.
+# schedule's L2 to 1000 fresh teacher samples and the training time. Writes samples/departures/<config>.md.
 # CPU, the mixture: ~5 min.
 #
 #   scripts/departures.sh                                  # configs/digits_gmm.yml, uni_pc NFE 4 and dpm_solver++ NFE 6
@@ -18,11 +18,12 @@ OUT=${OUT:-samples/departures}
 name=$(basename "$CFG" .yml)
 root=train_data/paper_compat/$name
 mkdir -p "$OUT"
-teacher_pair "$CFG" "$root"
+FRESH_N=1000 teacher_pair "$CFG" "$root"
 
 # label|flags (on top of --paper_compat); "paper" = all of the paper's values, "ours" = none of them
 VARIANTS=(
   "paper|"
+  "trainer full_batch|--trainer full_batch"
   "valid_every 10|--valid_every 10"
   "valid_use train|--valid_use train"
   "eval_on_one false|--eval_on_one false"
@@ -33,6 +34,7 @@ VARIANTS=(
   "order_rng private|--order_rng private"
   "arithmetic fast|--arithmetic fast"
   "dpmpp_3m exact|--dpmpp_3m exact"
+  "ours with --trainer rounds|OURS_ROUNDS"
   "ours (no --paper_compat)|OURS"
 )
 table=$OUT/$name.md
@@ -42,7 +44,11 @@ table=$OUT/$name.md
 } > "$table"
 for v in "${VARIANTS[@]}"; do
   label=${v%%|*}; extra=${v#*|}
-  if [ "$extra" = OURS ]; then flags=(); else flags=(--paper_compat $extra); fi
+  case $extra in
+    OURS) flags=() ;;
+    OURS_ROUNDS) flags=(--trainer rounds) ;;
+    *) flags=(--paper_compat $extra) ;;
+  esac
   slug=$(echo "$label" | tr -c 'a-zA-Z0-9_\n' '_')
   row="| $label |"
   for r in $RUNS; do
@@ -55,7 +61,7 @@ for v in "${VARIANTS[@]}"; do
     run=$(ls -d "$logs/$solver-N$nfe-"*"-seed0" | head -n 1)
     out=$OUT/$name/$slug-$solver-N$nfe
     "$PY" sample.py --all_config "$CFG" "${flags[@]}" --solver_name "$solver" --steps "$nfe" \
-      --load_from "$run/best_v2.pt" --data_dir "$fresh" --num_samples 200 --metrics teacher \
+      --load_from "$run/best_v2.pt" --data_dir "$fresh" --num_samples 1000 --metrics teacher \
       --teacher_distances L2 --out_dir "$out" > /dev/null 2>&1
     cell=$("$PY" -c "import json,sys; m=json.load(open(sys.argv[1])); r=json.load(open(sys.argv[2])); print(f\"{m['teacher']['L2']:.4g} | {r['timing']['wall_train_s']:.1f} |\")" \
       "$out/metrics.json" "$run/result.json")
@@ -65,6 +71,6 @@ for v in "${VARIANTS[@]}"; do
 done
 {
   echo
-  echo "L2 to 200 fresh teacher samples (uni_pc bh2 order 3, 20 NFE, edm), batch 2 / 50; \`CFG=$CFG scripts/departures.sh\`"
+  echo "L2 to 1000 fresh teacher samples (uni_pc bh2 order 3, 20 NFE, edm), batch 2 / 50; \`CFG=$CFG scripts/departures.sh\`"
 } >> "$table"
 cat "$table"

@@ -172,9 +172,11 @@ def test_a_killed_rank_stops_the_others_and_the_folder_resumes(tmp_path):
     assert finished == whole and all(finished[k] == v for k, v in left.items())
 
 
-def test_main_data_parallel_matches_one_process(tmp_path):
+@pytest.mark.parametrize("trainer", ["rounds", "full_batch"])
+def test_main_data_parallel_matches_one_process(tmp_path, trainer):
     """main.py under torchrun (2 ranks, each half of every batch, gradients all-reduced, decisions shared):
-    the learned times equal a one-process run's to float rounding (measured 2.7e-5 relative; allowed 1e-3)."""
+    the learned times equal a one-process run's to float rounding (rounds: measured 2.7e-5 relative;
+    allowed 1e-3)."""
     import torch
 
     data = gen(tmp_path / "d", n=20)
@@ -182,7 +184,8 @@ def test_main_data_parallel_matches_one_process(tmp_path):
     for ranks in (1, 2):
         args = [str(ROOT / "main.py"), "--all_config", CFG, "--data_dir", str(data), "--num_train", "10",
                 "--num_valid", "10", "--main_train_batch_size", "2", "--main_valid_batch_size", "5", "--steps", "4",
-                "--visualize", "false", "--log_path", str(tmp_path / f"logs{ranks}")]
+                "--visualize", "false", "--log_path", str(tmp_path / f"logs{ranks}"), "--trainer", trainer,
+                "--fb_iters_v1", "10", "--fb_iters_v2", "10"]
         cmd = [sys.executable, *args] if ranks == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -184,22 +184,24 @@ def test_pngs_hold_the_images(tmp_path):
             assert np.array_equal(np.asarray(im), to_uint8(img)[j][..., 0])
 
 
-@pytest.mark.parametrize("kind", ["rmsprop", "rmsprop_wd_nomom", "sgd"])
+@pytest.mark.parametrize("kind", ["rmsprop", "rmsprop_wd_nomom", "sgd", "adam"])
 def test_own_optimizers_equal_torch_optim_bit_for_bit(kind):
-    """ld3.optim's RMSprop / SGD = torch.optim's single-tensor updates, bit for bit over many steps, and
-    their state dicts load into each other (resume files of either kind)."""
-    from ld3.optim import SGD, RMSprop
+    """ld3.optim's RMSprop / SGD / Adam = torch.optim's single-tensor updates, bit for bit over many steps,
+    and their state dicts load into each other (resume files of either kind)."""
+    from ld3.optim import SGD, Adam, RMSprop
 
     g = torch.Generator().manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(7, generator=g))
+    a = torch.nn.Parameter(torch.randn(7, generator=g, dtype=torch.float64 if kind == "adam" else torch.float32))
     b = torch.nn.Parameter(a.detach().clone())
     if kind == "sgd":
         ours, ref = SGD(a, lr=0.03), torch.optim.SGD([b], lr=0.03)
+    elif kind == "adam":  # float64: the full-batch trainer's parameters
+        ours, ref = Adam(a, lr=0.1), torch.optim.Adam([b], lr=0.1, foreach=False)
     else:
         kw = dict(momentum=0.9, weight_decay=0.0) if kind == "rmsprop" else dict(momentum=0.0, weight_decay=0.01)
         ours, ref = RMSprop(a, lr=0.005, **kw), torch.optim.RMSprop([b], lr=0.005, **kw)
     for k in range(40):
-        grad = torch.randn(7, generator=g) * (10 ** (k % 5 - 2))
+        grad = torch.randn(7, generator=g, dtype=a.dtype) * (10 ** (k % 5 - 2))
         a.grad, b.grad = grad.clone(), grad.clone()
         if k == 20:  # a learning-rate change, as the trainer's decay makes
             ours.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.002
@@ -211,12 +213,14 @@ def test_own_optimizers_equal_torch_optim_bit_for_bit(kind):
     d = torch.nn.Parameter(b.detach().clone())
     if kind == "sgd":
         ours2, ref2 = SGD(c, lr=1.0), torch.optim.SGD([d], lr=1.0)
+    elif kind == "adam":
+        ours2, ref2 = Adam(c, lr=1.0), torch.optim.Adam([d], lr=1.0, foreach=False)
     else:
         ours2, ref2 = RMSprop(c, lr=1.0, **kw), torch.optim.RMSprop([d], lr=1.0, **kw)
     ours2.load_state_dict(ref.state_dict())
     ref2.load_state_dict(ours.state_dict())
     for _ in range(5):
-        grad = torch.randn(7, generator=g)
+        grad = torch.randn(7, generator=g, dtype=c.dtype)
         c.grad, d.grad = grad.clone(), grad.clone()
         ours2.step()
         ref2.step()
@@ -229,10 +233,11 @@ def test_training_does_not_import_dynamo(tmp_path):
     import sys
 
     code = ("import sys, torch\n"
-            "from ld3.optim import RMSprop, SGD\n"
+            "from ld3.optim import Adam, RMSprop, SGD\n"
             "p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.ones(3)\n"
             "o = RMSprop(p, lr=0.1, momentum=0.9); o.step(); s = SGD(p, lr=0.1); s.step()\n"
-            "import ld3.trainer, ld3.cli.main\n"
+            "a = Adam(p, lr=0.1); a.step()\n"
+            "import ld3.trainer, ld3.full_batch, ld3.cli.main\n"
             "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

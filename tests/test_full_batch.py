@@ -56,6 +56,16 @@ def direct_loss(parts, disc, sset: SampleSet) -> torch.Tensor:
     return distance(rollout(sset.latent, rollout.grid(t, tp)).float(), sset.img.float()).mean()
 
 
+def test_full_batch_config_defaults_are_the_cli_s():
+    from ld3.config import OPTIONS
+
+    d = FullBatchConfig()
+    assert (d.iters_v1, d.iters_v2, d.lr_1, d.lr_2) == tuple(
+        OPTIONS[k].default for k in ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2"))
+    assert d.chunk == OPTIONS["main_valid_batch_size"].default
+    assert d.valid_every == OPTIONS["valid_every"].default
+
+
 def test_cosine_rate():
     assert cosine_rate(0.1, 0, 40) == 0.1
     assert cosine_rate(0.1, 20, 40) == pytest.approx(0.05)

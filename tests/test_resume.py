@@ -70,12 +70,13 @@ def test_gen_data_killed_then_rerun_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_main_killed_then_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("trainer,key,first,second", [("rounds", "round", 1, 3), ("full_batch", "it", 20, 50)])
+def test_main_killed_then_resumed_equals_uninterrupted(tmp_path, trainer, key, first, second):
     finish("gen_data.py", "--all_config", CFG, "--total_samples", "40", "--sampling_batch_size", "40",
            "--steps", "20", "--save_pt", "--data_dir", str(tmp_path / "data"))
     data = tmp_path / "data" / "uni_pc_NFE20_edm_seed0"
     args = ["--all_config", CFG, "--data_dir", str(data), "--num_train", "20", "--num_valid", "20",
-            "--training_rounds_v1", "2", "--training_rounds_v2", "3", "--visualize", "false"]
+            "--training_rounds_v1", "2", "--training_rounds_v2", "3", "--visualize", "false", "--trainer", trainer]
     finish("main.py", *args, "--log_path", str(tmp_path / "ref"))
     ref = next((tmp_path / "ref").iterdir())
 
@@ -89,7 +90,7 @@ def test_main_killed_then_resumed_equals_uninterrupted(tmp_path):
             if s is None or not s.is_file():
                 return False
             try:
-                r = torch.load(s, weights_only=True)["round"]
+                r = torch.load(s, weights_only=True)[key]
             except Exception:  # noqa: BLE001 - file being replaced right now
                 return False
             if r >= n:
@@ -99,9 +100,9 @@ def test_main_killed_then_resumed_equals_uninterrupted(tmp_path):
         return ready
 
     p = start("main.py", *args, "--log_path", str(logs))
-    assert kill_when(p, after_rounds(1))
+    assert kill_when(p, after_rounds(first))
     p = start("main.py", *args, "--log_path", str(logs), "--resume")
-    assert kill_when(p, after_rounds(3))
+    assert kill_when(p, after_rounds(second))
     finish("main.py", *args, "--log_path", str(logs), "--resume")
     run = next(logs.iterdir())
     assert run.name == ref.name

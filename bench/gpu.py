@@ -16,9 +16,10 @@ plain float32 on the teacher batch: bf16 autocast, TF32, channels_last, torch.co
 (torch.compile's reduce-overhead mode).
 - ``sd3_blocks`` / ``flux_blocks``: two full-width SD3 MMDiT blocks (1536 wide) and three Flux blocks
   (3072 wide, guidance embedding) on 1024 px latents (128 x 128 x 16), velocity turned into eps.
-Then a whole LD3 run at the paper's CIFAR-10 settings (cifar10.yml: 50 + 50 teacher samples, 2 + 5
-rounds, batch 2 / 10, NFE 10) on the CIFAR-size network, with LPIPS of a randomly initialised VGG16
-(``lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True)``, the cost of the real one).
+Then whole LD3 runs at the paper's CIFAR-10 settings (cifar10.yml: 50 + 50 teacher samples, NFE 10) on
+the CIFAR-size network, with LPIPS of a randomly initialised VGG16 (``lpips.LPIPS(net="vgg",
+pretrained=False, pnet_rand=True)``, the cost of the real one): with our default full-batch trainer
+(40 + 40 iterations, chunks of 50) and with the paper's rounds (2 + 5 rounds, batch 2 / 10).
 Writes bench/out_gpu/gpu.md and gpu.json (device, date, versions). Every ratio is measured in this run.
 """
 
@@ -42,6 +43,7 @@ from ld3.models.base import Model
 from ld3.samplers.discretizations import get_discretization
 from ld3.samplers.schedules import VPDiscreteSchedule
 from ld3.student import Rollout, SolverSpec
+from ld3.full_batch import FullBatchConfig, FullBatchTrainer
 from ld3.trainer import LD3Trainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,8 +180,9 @@ def teacher_speed(model: Model, dev: torch.device, batch: int, nfe: int, option:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = restore
 
 
-def whole_run(model: Model, dev: torch.device, tiny: bool) -> dict:
-    """A whole LD3 run at cifar10.yml's settings: teacher data (uni_pc NFE 20), then learning at NFE 10."""
+def whole_run(model: Model, dev: torch.device, tiny: bool, trainer: str = "full_batch") -> dict:
+    """A whole LD3 run at cifar10.yml's settings: teacher data (uni_pc NFE 20), then learning at NFE 10, with
+    our full-batch trainer (40 + 40 iterations over all 100 samples, chunks of 50) or the paper's rounds."""
     import lpips
 
     n_train, n_valid = (4, 4) if tiny else (50, 50)
@@ -206,13 +209,17 @@ def whole_run(model: Model, dev: torch.device, tiny: bool) -> dict:
     cfg = TrainConfig(rounds_v1=1 if tiny else 2, rounds_v2=1 if tiny else 5, lr_time_2=0.1 / nfe, bound=bound,
                       shift_lr=12 / nfe, train_batch_size=2, valid_batch_size=10)
     disc = LearnedDiscretization(model.schedule, nfe, "lambda", 0.5).to(dev)
-    tr = LD3Trainer(disc, Rollout(model, SolverSpec("uni_pc", 3)), dist, sets.subset(slice(0, n_train)),
-                    sets.subset(slice(n_train, n_train + n_valid)), cfg, dev)
+    if trainer == "full_batch":  # main.py's default: all 100 samples learned from and chosen on
+        fb = FullBatchConfig(iters_v1=4 if tiny else 40, iters_v2=4 if tiny else 40, chunk=50)
+        tr = FullBatchTrainer(disc, Rollout(model, SolverSpec("uni_pc", 3)), dist, sets, sets, fb, dev)
+    else:
+        tr = LD3Trainer(disc, Rollout(model, SolverSpec("uni_pc", 3)), dist, sets.subset(slice(0, n_train)),
+                        sets.subset(slice(n_train, n_train + n_valid)), cfg, dev)
     res = tr.run()
     _sync(dev)
     total = time.perf_counter() - t_start
-    return {"teacher_s": t_teacher, "learning_s": total - t_teacher, "total_s": total, "steps": res.steps,
-            "best_valid_lpips": res.best_loss, "nfe": nfe, "samples": [n_train, n_valid]}
+    return {"trainer": trainer, "teacher_s": t_teacher, "learning_s": total - t_teacher, "total_s": total,
+            "steps": res.steps, "best_valid_lpips": res.best_loss, "nfe": nfe, "samples": [n_train, n_valid]}
 
 
 def build_flow(kind: str, tiny: bool, dev: torch.device) -> tuple[Model, dict]:
@@ -297,8 +304,9 @@ def main() -> None:
                           "vs_float32": (ips / base) if ips and base else None})
             print(speed[-1], flush=True)
         if kind == "cifar10_unet":
-            runs[kind] = whole_run(model, dev, args.tiny)
-            print(runs[kind], flush=True)
+            for trainer in ("full_batch", "rounds"):
+                runs[f"{kind} ({trainer})"] = whole_run(model, dev, args.tiny, trainer)
+                print(runs[f"{kind} ({trainer})"], flush=True)
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -324,7 +332,7 @@ def main() -> None:
     for k, r in runs.items():
         md += ["", f"Whole LD3 run on {k} (teacher {r['samples'][0]} + {r['samples'][1]} samples, NFE {r['nfe']}, "
                f"LPIPS with random VGG): {r['total_s']:.1f} s ({r['teacher_s']:.1f} s teacher, {r['learning_s']:.1f} s "
-               f"learning, {r['steps']} steps)."]
+               f"learning, {r['steps']} {'iterations' if r['trainer'] == 'full_batch' else 'steps'})."]
     atomic_write_text(out / "gpu.md", "\n".join(md) + "\n")
     print("\n".join(md))
 

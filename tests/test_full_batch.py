@@ -62,7 +62,7 @@ def test_full_batch_config_defaults_are_the_cli_s():
     d = FullBatchConfig()
     assert (d.iters_v1, d.iters_v2, d.lr_1, d.lr_2) == tuple(
         OPTIONS[k].default for k in ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2"))
-    assert d.chunk == OPTIONS["main_valid_batch_size"].default
+    assert d.chunk == OPTIONS["fb_chunk"].default
     assert d.valid_every == OPTIONS["valid_every"].default
 
 

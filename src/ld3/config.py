@@ -178,6 +178,9 @@ OPTIONS: dict[str, Opt] = {
     "fb_iters_v2": Opt(_int, 40, "full_batch: iterations of phase 2 (params1 and params2: t and t') (ours)"),
     "fb_lr_1": Opt(_float, 0.1, "full_batch: Adam rate of phase 1, falling to 0 along a half cosine (ours)"),
     "fb_lr_2": Opt(_float, 0.05, "full_batch: Adam rate of phase 2, falling to 0 along a half cosine (ours)"),
+    "fb_chunk": Opt(_int, 50, "full_batch: samples per forward/backward pass; the gradients of the chunks are summed, "
+                    "so the step is the same for any chunk, and memory is one chunk's (lower it, or add --low_gpu, "
+                    "if the accelerator runs out of memory) (ours)"),
     "training_rounds_v1": Opt(_int, 2, "rounds of phase 1 (params1 only)"),
     "training_rounds_v2": Opt(_int, 5, "rounds of phase 2 (params1 and params2)"),
     "no_v1": Opt(str2bool, False, "skip phase 1 and learn only params2"),
@@ -304,7 +307,7 @@ RANGES: dict[str, tuple] = {
     "shift_lr": (0, None, False), "shift_lr_decay": (0, 1, True), "prior_bound": (0, None, False),
     "win_rate": (0, 1, False), "valid_every": (1, None, False), "sampling_seed": (0, None, False),
     "eval_fresh": (0, None, False), "fb_iters_v1": (0, None, False), "fb_iters_v2": (0, None, False),
-    "fb_lr_1": (0, None, True), "fb_lr_2": (0, None, True),
+    "fb_lr_1": (0, None, True), "fb_lr_2": (0, None, True), "fb_chunk": (1, None, False),
 }
 for _k, (_lo, _hi, _open) in RANGES.items():
     OPTIONS[_k] = Opt(OPTIONS[_k].type, OPTIONS[_k].default, OPTIONS[_k].help, OPTIONS[_k].choices, _lo, _hi, _open)
@@ -348,7 +351,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "teacher data": ("total_samples", "sampling_batch_size", "data_dir", "save_pt", "save_png", "seed", "noise"),
     "training data": ("data_dir", "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size",
                       "log_path", "seed", "resume"),
-    "learning": ("loss_type", "lpips_size", "time_mode", "trainer", "fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2",
+    "learning": ("loss_type", "lpips_size", "time_mode", "trainer", "fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2", "fb_chunk",
                  "training_rounds_v1", "training_rounds_v2", "no_v1",
                  "lr_time_1", "lr_time_2", "momentum_time_1", "weight_decay_time_1", "min_lr_time_1",
                  "min_lr_time_2", "lr_time_decay", "patient", "lr2_patient", "shift_lr", "shift_lr_decay",

@@ -52,7 +52,7 @@ class FullBatchConfig:
     iters_v2: int = 40
     lr_1: float = 0.1
     lr_2: float = 0.05
-    chunk: int = 10  # samples per forward/backward pass (memory); the step uses the whole set's gradient
+    chunk: int = 50  # samples per forward/backward pass (memory); the step uses the whole set's gradient
     valid_every: int = 10  # iterations between validations, with a separate validation set only
     no_v1: bool = False  # as the paper's --no_v1: no phase 1, and phase 2 learns params2 alone
     save_every: int = 10  # iterations between saved states (resume file, best checkpoints)

@@ -125,7 +125,7 @@ def data_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-FULL_BATCH_KEYS = ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2")
+FULL_BATCH_KEYS = ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2", "fb_chunk")
 
 
 def run_identity(cfg: dict, model, data_files: list[Path]) -> dict:

@@ -174,7 +174,7 @@ def _trainer(job: Job, rollout: Rollout) -> "LD3Trainer | FullBatchTrainer":
     if cfg["trainer"] == "full_batch":
         fb = FullBatchConfig(iters_v1=int(cfg["fb_iters_v1"]), iters_v2=int(cfg["fb_iters_v2"]),
                              lr_1=float(cfg["fb_lr_1"]), lr_2=float(cfg["fb_lr_2"]),
-                             chunk=int(cfg["main_valid_batch_size"]), valid_every=int(cfg["valid_every"]),
+                             chunk=int(cfg["fb_chunk"]), valid_every=int(cfg["valid_every"]),
                              no_v1=bool(cfg.get("no_v1")))
         trainer: LD3Trainer | FullBatchTrainer = FullBatchTrainer(
             disc, rollout, job.distance, train, valid, fb, job.device, count_calls=lambda: rollout.fn.calls,

@@ -229,3 +229,14 @@ def test_bad_full_batch_values(data, tmp_path, capsys):
     check(capsys, ld3_main.main, args(data, tmp_path, "--fb_iters_v1", "-1"), "--fb_iters_v1")
     check(capsys, ld3_main.main, args(data, tmp_path, "--fb_iters_v1", "0", "--fb_iters_v2", "0"), "nothing would be learned")
     assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_l2root_is_the_root_of_l2():
+    from ld3.losses import l2_distance, make_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 1, 8, 8, generator=g), torch.randn(5, 1, 8, 8, generator=g)
+    d = make_distance("L2root", torch.device("cpu"))(a, b)
+    assert torch.allclose(d, l2_distance(a, b).sqrt())
+    assert torch.isfinite(torch.autograd.functional.jacobian(lambda x: make_distance("L2root", "cpu")(x, x.detach()).sum(),
+                                                             a)).all()  # finite gradient where student = teacher

@@ -1,4 +1,4 @@
-"""Per-sample distances between student and teacher images in [-1, 1]: LPIPS (VGG), L2, L1."""
+"""Per-sample distances between student and teacher images in [-1, 1]: LPIPS (VGG), L2, L1, L2root."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ def l2_distance(a: Tensor, b: Tensor) -> Tensor:
     """Mean over pixels of the squared difference, one value per sample (the paper's sum / (C H W))."""
     dims = tuple(range(1, a.ndim))
     return (a - b).pow(2).sum(dim=dims) / a[0].numel()
+
+
+def l2root_distance(a: Tensor, b: Tensor) -> Tensor:
+    """The square root of ``l2_distance`` (the root-mean-square pixel difference), one value per sample (ours).
+    Its mean weighs the few samples far from the teacher less than L2's mean does: measured on the digits
+    U-Net, schedules learned with it by the full-batch trainer generalised better at NFE 10, worse on the
+    mixture (README, "Quality at equal cost")."""
+    return l2_distance(a, b).clamp_min(1e-24).sqrt()
 
 
 def l1_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -68,6 +76,7 @@ LOSSES: dict[str, Callable[[torch.device, int], Distance]] = {
     "LPIPS": lpips_distance,
     "L2": lambda device, size: l2_distance,
     "L1": lambda device, size: l1_distance,
+    "L2root": lambda device, size: l2root_distance,
 }
 
 

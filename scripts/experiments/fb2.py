@@ -1,5 +1,11 @@
-import sys, statistics as st
-from harness import *
+import math
+import sys
+import time
+
+import torch
+
+from harness import Env
+
 AGG = {"mean": lambda l: l.mean(), "sqrt": lambda l: l.clamp_min(1e-12).sqrt().mean(), "log": lambda l: l.clamp_min(1e-12).log().mean(),
        "trim5": lambda l: l.sort().values[:-5].mean(), "trim10": lambda l: l.sort().values[:-10].mean()}
 def run(E, d, sset, phases, method="adam", agg="mean"):

@@ -1,6 +1,10 @@
 """full batch Adam + cosine, optional latent relaxation (projected gradient step on z' each iteration)."""
-from harness import *
+import math
+
+import torch
+
 from ld3.trainer import project
+
 AGG = {"mean": lambda l: l.mean(), "trim5": lambda l: l.sort().values[:-5].mean(), "sqrt": lambda l: l.clamp_min(1e-12).sqrt().mean()}
 def run(E, d, sset, phases, agg="mean", relax=0.0, shift_lr=None, bound=None):
     best = [math.inf, None]

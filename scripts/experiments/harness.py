@@ -1,14 +1,15 @@
 """In-process LD3 experiments (how README's "what was tried" rows were measured): train with options,
 measure L2 to fresh teacher samples. Needs the teacher files of scripts/quality_seeds.sh (train, fresh)
 and 1000 more seed-2 samples in train_data/paper_compat/<config>/big (see README of this folder)."""
-import logging, sys, time, math, json
+import logging
+import time
 from pathlib import Path
 import torch
 from ld3.config import parse_config
 from ld3.data import load_samples
 from ld3.discretization import LearnedDiscretization
 from ld3.losses import make_distance
-from ld3.runtime import setup_device_and_model, derived_hparams, time_mode, check_solver_options, baseline_times
+from ld3.runtime import setup_device_and_model, derived_hparams, time_mode, check_solver_options
 from ld3.student import Rollout, SolverSpec
 from ld3.trainer import LD3Trainer, train_config_from
 from ld3.cli.main import learning_sets

@@ -1,6 +1,13 @@
-import sys, json
-from harness import *
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
 import fb2
+from harness import ROOT, Env, load_samples
+
 name, modes, cells, out = sys.argv[1], sys.argv[2].split(";"), sys.argv[3].split(","), sys.argv[4]
 RECIPES = {
   "fb_mean": ("adamcos", [(40,0.05,False),(40,0.03,True)], "mean"),

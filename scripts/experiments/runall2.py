@@ -1,6 +1,12 @@
-import sys, json
-from harness import *
+import json
+import sys
+import time
+from pathlib import Path
+
+
 import fb3
+from harness import ROOT, Env, load_samples
+
 name, modes, cells, out = sys.argv[1], sys.argv[2].split(";"), sys.argv[3].split(","), sys.argv[4]
 R = {
   "A40": dict(phases=[(40,0.05,False),(40,0.03,True)]),

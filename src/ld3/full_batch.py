@@ -185,12 +185,14 @@ class FullBatchTrainer:
         disc, n = self.disc, len(self.train)
         disc.params1.grad = disc.params2.grad = None
         total = 0.0
-        for sel, c, uc in self._chunks(self.train):
-            t, tp = disc()  # once per chunk: each backward frees the graph of the map too
-            grid = self.student.grid(t, tp, dtype=self.train.latent.dtype, device=self.device)
+        t, tp = disc()  # the map and the solver's coefficients once per iteration, kept for every chunk's backward
+        grid = self.student.grid(t, tp, dtype=self.train.latent.dtype, device=self.device)
+        chunks = list(self._chunks(self.train))
+        for k, (sel, c, uc) in enumerate(chunks):
             d = self._distances(self.train, sel, c, uc, grid, "train")
-            (d.sum() / n).backward()
+            (d.sum() / n).backward(retain_graph=k < len(chunks) - 1)
             total += float(d.detach().sum())
+            del d  # this chunk's graph goes; the map's stays for the next
         if self.place.active:
             for p in (disc.params1, disc.params2):
                 if p.requires_grad:

@@ -62,8 +62,18 @@ def test_full_batch_config_defaults_are_the_cli_s():
     d = FullBatchConfig()
     assert (d.iters_v1, d.iters_v2, d.lr_1, d.lr_2) == tuple(
         OPTIONS[k].default for k in ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2"))
-    assert d.chunk == OPTIONS["fb_chunk"].default
     assert d.valid_every == OPTIONS["valid_every"].default
+
+
+def test_chunk_defaults_to_the_training_batch(data):
+    """Without --fb_chunk the chunk is main_train_batch_size (the paper's configs: 1-2, what their memory was
+    sized for); the embedded configs set 50."""
+    from ld3.cli.main import fb_chunk
+
+    bare = parse_config(["--all_config", str(ROOT / "configs" / "cifar10.yml")], script="main")
+    assert bare.get("fb_chunk") is None and fb_chunk(bare) == 2
+    assert fb_chunk(parse_config(["--all_config", CFG, "--main_train_batch_size", "3"], script="main")) == 50
+    assert fb_chunk(parse_config(["--all_config", CFG, "--fb_chunk", "7"], script="main")) == 7
 
 
 def test_cosine_rate():

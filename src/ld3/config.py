@@ -178,9 +178,10 @@ OPTIONS: dict[str, Opt] = {
     "fb_iters_v2": Opt(_int, 40, "full_batch: iterations of phase 2 (params1 and params2: t and t') (ours)"),
     "fb_lr_1": Opt(_float, 0.1, "full_batch: Adam rate of phase 1, falling to 0 along a half cosine (ours)"),
     "fb_lr_2": Opt(_float, 0.05, "full_batch: Adam rate of phase 2, falling to 0 along a half cosine (ours)"),
-    "fb_chunk": Opt(_int, 50, "full_batch: samples per forward/backward pass; the gradients of the chunks are summed, "
-                    "so the step is the same for any chunk, and memory is one chunk's (lower it, or add --low_gpu, "
-                    "if the accelerator runs out of memory) (ours)"),
+    "fb_chunk": Opt(_none_or(_int), None, "full_batch: samples per forward/backward pass (default: "
+                    "main_train_batch_size, the batch the config's memory was sized for); the chunks' gradients are "
+                    "summed, so the step is the same for any chunk: raise it where memory allows, it runs faster "
+                    "(the embedded configs: 50) (ours)"),
     "training_rounds_v1": Opt(_int, 2, "rounds of phase 1 (params1 only)"),
     "training_rounds_v2": Opt(_int, 5, "rounds of phase 2 (params1 and params2)"),
     "no_v1": Opt(str2bool, False, "skip phase 1 and learn only params2"),

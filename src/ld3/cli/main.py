@@ -151,6 +151,12 @@ def learning_sets(data: SampleSet, n_train: int, n_valid: int, valid_use: str) -
     return data.subset(slice(0, n_train)), data.subset(slice(n_train, n_train + n_valid))
 
 
+def fb_chunk(cfg: dict) -> int:
+    """Samples per forward/backward pass of the full-batch gradient: --fb_chunk, else the training batch size
+    (the memory a config was sized for: the paper's configs backpropagate through batches of 1-2)."""
+    return int(cfg["fb_chunk"]) if cfg.get("fb_chunk") else int(cfg["main_train_batch_size"])
+
+
 def _trainer(job: Job, rollout: Rollout) -> "LD3Trainer | FullBatchTrainer":
     """The discretization (fitted to the prior with --match_prior) and its trainer, resumed with --resume.
     The rounds trainer writes the best checkpoints with every improvement (rank 0), as the paper's code; the
@@ -174,7 +180,7 @@ def _trainer(job: Job, rollout: Rollout) -> "LD3Trainer | FullBatchTrainer":
     if cfg["trainer"] == "full_batch":
         fb = FullBatchConfig(iters_v1=int(cfg["fb_iters_v1"]), iters_v2=int(cfg["fb_iters_v2"]),
                              lr_1=float(cfg["fb_lr_1"]), lr_2=float(cfg["fb_lr_2"]),
-                             chunk=int(cfg["fb_chunk"]), valid_every=int(cfg["valid_every"]),
+                             chunk=fb_chunk(cfg), valid_every=int(cfg["valid_every"]),
                              no_v1=bool(cfg.get("no_v1")))
         trainer: LD3Trainer | FullBatchTrainer = FullBatchTrainer(
             disc, rollout, job.distance, train, valid, fb, job.device, count_calls=lambda: rollout.fn.calls,

@@ -39,7 +39,7 @@ from ld3.discretization import LearnedDiscretization, checkpoint_dict
 from ld3.distributed import Place
 from ld3.optim import Adam
 from ld3.timing import Timed
-from ld3.trainer import NumericalError, TrainResult
+from ld3.trainer import NumericalError, TrainResult, _selector, conditions
 
 log = logging.getLogger("ld3")
 
@@ -163,10 +163,8 @@ class FullBatchTrainer:
         idx = self._local(len(sset))
         for i in range(0, len(idx), self.cfg.chunk):
             part = idx[i:i + self.cfg.chunk]
-            sel = slice(part[0], part[-1] + 1) if not self.place.active else torch.tensor(part)
-            pick = (lambda v, p=part, s=sel: None if v is None else v[s].to(self.device) if torch.is_tensor(v)
-                    else [v[j] for j in p])
-            yield sel, pick(sset.c), pick(sset.uc)
+            sel = _selector(part)
+            yield sel, *conditions(sset, part, sel, self.device)
 
     def _distances(self, sset: SampleSet, sel, c: Any, uc: Any, grid, key: str) -> torch.Tensor:
         z = sset.latent[sel].to(self.device)

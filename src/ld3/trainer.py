@@ -173,6 +173,19 @@ def _selector(idx: list[int]) -> slice | Tensor:
     return torch.tensor(idx)
 
 
+def conditions(sset: SampleSet, idx: list[int], sel: slice | Tensor, device: torch.device) -> tuple[Any, Any]:
+    """(c, uc) of rows ``idx`` (``sel``: the same rows as a slice or index tensor): tensors indexed and moved to
+    ``device``, lists picked, None kept."""
+    def pick(v):
+        if v is None:
+            return None
+        if isinstance(v, Tensor):
+            return v[sel].to(device)
+        return [v[i] for i in idx]
+
+    return pick(sset.c), pick(sset.uc)
+
+
 def clip_grad_norm_(p: Tensor, max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_([p], max_norm)`` for one tensor (same result), without the
     grouping and bookkeeping of the general function, which cost more than the arithmetic here."""
@@ -242,14 +255,7 @@ class LD3Trainer:
         return phases[min(self.state.round, len(phases) - 1)] if phases else 1
 
     def _cond(self, sset: SampleSet, idx: list[int], sel: slice | Tensor) -> tuple[Any, Any]:
-        def pick(v):
-            if v is None:
-                return None
-            if isinstance(v, Tensor):
-                return v[sel].to(self.device)
-            return [v[i] for i in idx]
-
-        return pick(sset.c), pick(sset.uc)
+        return conditions(sset, idx, sel, self.device)
 
     def _snapshot(self) -> dict:
         s = self.state

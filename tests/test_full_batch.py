@@ -15,7 +15,7 @@ import main as ld3_main
 from ld3.config import parse_config
 from ld3.data import SampleSet, load_samples
 from ld3.discretization import LearnedDiscretization
-from ld3.full_batch import FullBatchConfig, FullBatchTrainer, cosine_rate
+from ld3.full_batch import FullBatchConfig, FullBatchTrainer, cosine_rate, robust_terms
 from ld3.losses import make_distance
 from ld3.runtime import setup_device_and_model
 from ld3.student import Rollout, SolverSpec
@@ -49,19 +49,26 @@ def trainer(parts, cfg: FullBatchConfig, valid: SampleSet | None = None, **kw) -
                             count_calls=lambda: rollout.fn.calls, **kw)
 
 
-def direct_loss(parts, disc, sset: SampleSet) -> torch.Tensor:
-    """The mean distance over ``sset`` in one batch, by autograd: what the trainer's chunks must add up to."""
+def direct_distances(parts, disc, sset: SampleSet) -> torch.Tensor:
+    """The per-sample distances over ``sset`` in one batch, by autograd."""
     model, rollout, distance, _ = parts
     t, tp = disc()
-    return distance(rollout(sset.latent, rollout.grid(t, tp)).float(), sset.img.float()).mean()
+    return distance(rollout(sset.latent, rollout.grid(t, tp)).float(), sset.img.float())
+
+
+def direct_loss(parts, disc, sset: SampleSet, c: float | None = None) -> torch.Tensor:
+    """The objective over ``sset`` in one batch, written out (the mean of 2c(sqrt(1 + d/c) - 1), or of d without
+    c): what the trainer's chunks must add up to."""
+    d = direct_distances(parts, disc, sset)
+    return d.mean() if c is None else (2 * c * (torch.sqrt(1 + d / c) - 1)).mean()
 
 
 def test_full_batch_config_defaults_are_the_cli_s():
     from ld3.config import OPTIONS
 
     d = FullBatchConfig()
-    assert (d.iters_v1, d.iters_v2, d.lr_1, d.lr_2) == tuple(
-        OPTIONS[k].default for k in ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2"))
+    assert (d.iters_v1, d.iters_v2, d.lr_1, d.lr_2, d.robust) == tuple(
+        OPTIONS[k].default for k in ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2", "fb_robust"))
     assert d.valid_every == OPTIONS["valid_every"].default
 
 
@@ -83,9 +90,42 @@ def test_cosine_rate():
     assert all(cosine_rate(1.0, k, 10) > cosine_rate(1.0, k + 1, 10) for k in range(10))
 
 
-def test_chunked_gradient_is_the_whole_sets_gradient(parts):
-    """Chunks of 5 (the last one short) give the loss and gradient of all 24 samples at once."""
+def test_robust_terms():
+    """d where d << c, 2 sqrt(c d) where d >> c, increasing, with slope 1/sqrt(1 + d/c) (<= 1); d without c."""
+    d = torch.tensor([0.0, 1e-6, 1.0, 1e6], dtype=torch.float64)
+    r = robust_terms(d, 1.0)
+    assert r[0] == 0 and r[1] == pytest.approx(1e-6, rel=1e-6)
+    assert r[3] == pytest.approx(2 * 1e3, rel=1e-3) and r[2] == pytest.approx(2 * (math.sqrt(2) - 1))
+    x = d.clone().requires_grad_(True)
+    robust_terms(x, 0.5).sum().backward()
+    assert torch.allclose(x.grad, 1 / torch.sqrt(1 + d / 0.5))
+    assert torch.equal(robust_terms(d, None), d)
+
+
+def test_scale_is_fixed_at_the_start_from_the_median(parts):
+    """c = robust x the median starting distance, computed in the first iteration and kept (and in the resume
+    state); robust 0 gives the plain mean."""
+    tr = trainer(parts, FullBatchConfig(iters_v1=2, iters_v2=1, chunk=7, robust=3.0))
+    with torch.no_grad():
+        start = direct_distances(parts, tr.disc, tr.train).double()
+    assert tr.fix_scale() == pytest.approx(3.0 * float(start.median()), rel=1e-6)
+    tr.run()
+    assert tr.state.scale == pytest.approx(3.0 * float(start.median()), rel=1e-6)
+    assert tr.state_dict()["scale"] == tr.state.scale
+    assert tr.state.history[0]["train_loss"] == pytest.approx(float(robust_terms(start, tr.state.scale).mean()),
+                                                              rel=1e-6)
+    plain = trainer(parts, FullBatchConfig(iters_v1=1, iters_v2=0, robust=0.0))
+    plain.run()
+    assert plain.state.scale is None
+    assert plain.state.history[0]["train_loss"] == pytest.approx(float(start.mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("c", [None, 0.1])
+def test_chunked_gradient_is_the_whole_sets_gradient(parts, c):
+    """Chunks of 5 (the last one short) give the loss and gradient of all 24 samples at once (plain and robust
+    objective)."""
     tr = trainer(parts, FullBatchConfig(chunk=5))
+    tr.state.scale = c
     with torch.no_grad():  # away from the symmetric start, t' != t
         tr.disc.params1.copy_(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
         tr.disc.params2.copy_(torch.tensor([0.0, 0.2, -0.1, 0.15, 0.0], dtype=torch.float64))
@@ -93,7 +133,10 @@ def test_chunked_gradient_is_the_whole_sets_gradient(parts):
     loss = tr.loss_and_grad()
     g1, g2 = tr.disc.params1.grad.clone(), tr.disc.params2.grad.clone()
     tr.disc.params1.grad = tr.disc.params2.grad = None
-    ref = direct_loss(parts, tr.disc, tr.train)
+    ref = direct_loss(parts, tr.disc, tr.train, c)
+    if c is not None:  # the robust objective is not the plain mean here: some distances are above c, some below
+        d = direct_distances(parts, tr.disc, tr.train).detach()
+        assert (d > c).any() and (d < c).any() and float(ref) < float(d.mean()) * 0.99
     ref.backward()
     assert loss == pytest.approx(float(ref), rel=1e-6)
     assert torch.allclose(g1, tr.disc.params1.grad, rtol=1e-4, atol=1e-8)
@@ -101,8 +144,10 @@ def test_chunked_gradient_is_the_whole_sets_gradient(parts):
     assert g2[1:-1].abs().min() > 0  # t' is learned: the inner params2 have a gradient
 
 
-def test_gradient_matches_finite_differences(parts):
+@pytest.mark.parametrize("c", [None, 0.1])
+def test_gradient_matches_finite_differences(parts, c):
     tr = trainer(parts, FullBatchConfig(chunk=24))
+    tr.state.scale = c
     with torch.no_grad():
         tr.disc.params1.copy_(torch.tensor([1.0, 0.7, 1.2, 0.9, 1.1], dtype=torch.float64))
     tr.disc.params2.requires_grad_(True)
@@ -133,8 +178,9 @@ def test_phases_selection_and_call_counts(parts):
     seen = [r["valid_loss"] for r in h]
     assert res.best_loss == min(seen)
     assert res.best_loss < h[0]["train_loss"] * 0.8  # it learns
-    # 12 iterations x 4 calls x 24 samples; then one evaluation (4 calls) at the end of each phase
-    assert res.nfe["train"] == 12 * 4 * 24
+    # 12 iterations x 4 calls x 24 samples, and the starting distances once (the robust scale); then one
+    # evaluation (4 calls) at the end of each phase
+    assert res.nfe["train"] == (12 + 1) * 4 * 24
     assert res.nfe["validation"] == 2 * 4 * 24
     # the best parameters are loaded and give the best loss
     assert tr.evaluate(tr.train) == pytest.approx(res.best_loss, rel=1e-6)
@@ -234,9 +280,21 @@ def test_a_rounds_run_is_not_reused_by_full_batch(data, tmp_path, capsys):
                                       "--training_rounds_v2", "0"), "trainer", root=tmp_path)
 
 
+def test_a_plain_mean_run_is_not_reused_by_the_robust_default(data, tmp_path, capsys):
+    """fb_robust is in the run's identity; a record written before it existed counts as the plain mean (0)."""
+    from ld3.identity import differences
+
+    ld3_main.main(args(data, tmp_path, "--fb_robust", "0"))
+    check(capsys, ld3_main.main, args(data, tmp_path), "fb_robust", root=tmp_path)
+    assert differences({"trainer": "full_batch"}, {"trainer": "full_batch", "fb_robust": 2.0}) == [
+        ("fb_robust", 0.0, 2.0)]
+    assert differences({"trainer": "full_batch"}, {"trainer": "full_batch", "fb_robust": 0.0}) == []
+
+
 def test_bad_full_batch_values(data, tmp_path, capsys):
     check(capsys, ld3_main.main, args(data, tmp_path, "--fb_lr_1", "0"), "--fb_lr_1")
     check(capsys, ld3_main.main, args(data, tmp_path, "--fb_iters_v1", "-1"), "--fb_iters_v1")
+    check(capsys, ld3_main.main, args(data, tmp_path, "--fb_robust", "-1"), "--fb_robust")
     check(capsys, ld3_main.main, args(data, tmp_path, "--fb_iters_v1", "0", "--fb_iters_v2", "0"), "nothing would be learned")
     assert not any(tmp_path.rglob("*.pt"))
 

@@ -182,6 +182,10 @@ OPTIONS: dict[str, Opt] = {
                     "main_train_batch_size, the batch the config's memory was sized for); the chunks' gradients are "
                     "summed, so the step is the same for any chunk: raise it where memory allows, it runs faster "
                     "(the embedded configs: 50) (ours)"),
+    "fb_robust": Opt(_float, 2.0, "full_batch: the objective is the mean of 2c(sqrt(1 + d/c) - 1) over the "
+                     "samples' distances d, with c = fb_robust times their median at the starting times: d for most "
+                     "samples, 2 sqrt(c d) for the few far from the teacher, which the plain mean fits at the cost of "
+                     "fresh noise; 0: the plain mean of d (ours)"),
     "training_rounds_v1": Opt(_int, 2, "rounds of phase 1 (params1 only)"),
     "training_rounds_v2": Opt(_int, 5, "rounds of phase 2 (params1 and params2)"),
     "no_v1": Opt(str2bool, False, "skip phase 1 and learn only params2"),
@@ -309,6 +313,7 @@ RANGES: dict[str, tuple] = {
     "win_rate": (0, 1, False), "valid_every": (1, None, False), "sampling_seed": (0, None, False),
     "eval_fresh": (0, None, False), "fb_iters_v1": (0, None, False), "fb_iters_v2": (0, None, False),
     "fb_lr_1": (0, None, True), "fb_lr_2": (0, None, True), "fb_chunk": (1, None, False),
+    "fb_robust": (0, None, False),
 }
 for _k, (_lo, _hi, _open) in RANGES.items():
     OPTIONS[_k] = Opt(OPTIONS[_k].type, OPTIONS[_k].default, OPTIONS[_k].help, OPTIONS[_k].choices, _lo, _hi, _open)
@@ -353,7 +358,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "training data": ("data_dir", "num_train", "num_valid", "main_train_batch_size", "main_valid_batch_size",
                       "log_path", "seed", "resume"),
     "learning": ("loss_type", "lpips_size", "time_mode", "trainer", "fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2", "fb_chunk",
-                 "training_rounds_v1", "training_rounds_v2", "no_v1",
+                 "fb_robust", "training_rounds_v1", "training_rounds_v2", "no_v1",
                  "lr_time_1", "lr_time_2", "momentum_time_1", "weight_decay_time_1", "min_lr_time_1",
                  "min_lr_time_2", "lr_time_decay", "patient", "lr2_patient", "shift_lr", "shift_lr_decay",
                  "prior_bound", "fix_bound", "win_rate", "match_prior", "valid_every", "valid_use", "eval_on_one", "latent_step",

@@ -125,7 +125,7 @@ def data_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-FULL_BATCH_KEYS = ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2", "fb_chunk")
+FULL_BATCH_KEYS = ("fb_iters_v1", "fb_iters_v2", "fb_lr_1", "fb_lr_2", "fb_chunk", "fb_robust")
 
 
 def run_identity(cfg: dict, model, data_files: list[Path]) -> dict:
@@ -150,7 +150,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Options added after records were first written, with the value that computes what was computed before
 # them: a record without the key was made with that value.
-ADDED_LATER: dict[str, Any] = {"final_denoise": False, "flow_shift": "3.0", "valid_use": "select", "trainer": "rounds"}
+ADDED_LATER: dict[str, Any] = {"final_denoise": False, "flow_shift": "3.0", "valid_use": "select", "trainer": "rounds",
+                                 "fb_robust": 0.0}
 
 
 def differences(recorded: dict, current: dict) -> list[tuple[str, Any, Any]]:

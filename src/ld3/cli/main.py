@@ -181,7 +181,7 @@ def _trainer(job: Job, rollout: Rollout) -> "LD3Trainer | FullBatchTrainer":
         fb = FullBatchConfig(iters_v1=int(cfg["fb_iters_v1"]), iters_v2=int(cfg["fb_iters_v2"]),
                              lr_1=float(cfg["fb_lr_1"]), lr_2=float(cfg["fb_lr_2"]),
                              chunk=fb_chunk(cfg), valid_every=int(cfg["valid_every"]),
-                             no_v1=bool(cfg.get("no_v1")))
+                             no_v1=bool(cfg.get("no_v1")), robust=float(cfg["fb_robust"]))
         trainer: LD3Trainer | FullBatchTrainer = FullBatchTrainer(
             disc, rollout, job.distance, train, valid, fb, job.device, count_calls=lambda: rollout.fn.calls,
             place=job.place)
@@ -209,9 +209,9 @@ def _train(job: Job) -> Path:
     learned_from = job.n_train + job.n_valid if cfg["valid_use"] == "train" else job.n_train
     if cfg["trainer"] == "full_batch":
         log.info("run %s: %s, NFE %d (%d steps), full batch: %d + %d Adam iterations (rates %.4g, %.4g) on the exact "
-                 "gradient of %d samples, latents fixed", run_dir.name, cfg["solver_name"], job.nfe, job.steps,
+                 "gradient of %d samples (robust scale %g), latents fixed", run_dir.name, cfg["solver_name"], job.nfe, job.steps,
                  0 if cfg.get("no_v1") else cfg["fb_iters_v1"], cfg["fb_iters_v2"], cfg["fb_lr_1"], cfg["fb_lr_2"],
-                 learned_from)
+                 learned_from, cfg["fb_robust"])
     else:
         log.info("run %s: %s, NFE %d (%d steps), rounds: bound %.8g, shift_lr %.8g, lr_time_2 %.8g, learning from %d "
                  "samples%s", run_dir.name, cfg["solver_name"], job.nfe, job.steps, job.bound, job.shift_lr, job.lr2,

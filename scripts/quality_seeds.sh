@@ -18,8 +18,9 @@ name=$(basename "$CFG" .yml)
 root=train_data/paper_compat/$name
 OUT=${OUT:-samples/quality_seeds}
 mkdir -p "$OUT"
-FRESH_N=1000 teacher_pair "$CFG" "$root"
 raw=$OUT/$name.txt
+if [ -z "${TABLE_ONLY:-}" ]; then  # TABLE_ONLY=1: only the table, from the records of a run made before
+FRESH_N=1000 teacher_pair "$CFG" "$root"
 : > "$raw"
 for solver in uni_pc dpm_solver++ ipndm; do for nfe in 4 6 10; do for mode in default paper; do for seed in 0 1 2; do
   flags=(); [ "$mode" = paper ] && flags=(--paper_compat)
@@ -40,6 +41,7 @@ for solver in uni_pc dpm_solver++ ipndm; do for nfe in 4 6 10; do for mode in de
   done
   echo "$solver $nfe $mode $seed ${l2[0]} $secs ${l2[1]}" >> "$raw"
 done; done; done; done
+fi
 "$PY" - "$raw" "$CFG" > "$OUT/$name.md" <<'PYEOF'
 import statistics as st, sys
 d = {}
@@ -53,7 +55,7 @@ for (s, n), v in d.items():
     a, b = (st.median(x[0] for x in v[k]) for k in ("default", "paper"))
     a2, b2 = (st.median(x[2] for x in v[k]) for k in ("default", "paper"))
     ta, tb = (st.median(x[1] for x in v[k]) for k in ("default", "paper"))
-    print(f"| {s} | {n} | {a:.4g} | {b:.4g} | {a / b:.2f} | {a2 / b2:.2f} | {ta:.1f} | {tb:.1f} |")
+    print(f"| {s} | {n} | {a:.4g} | {b:.4g} | {a / b:.3f} | {a2 / b2:.3f} | {ta:.1f} | {tb:.1f} |")
 print()
 print(f"Medians over training seeds 0, 1, 2; L2 to 1000 fresh teacher samples (ratio, first 200: to the first 200 "
       f"of them); seconds per main.py command (start-up included, 2 shared cores); "

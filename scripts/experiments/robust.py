@@ -19,7 +19,7 @@ from ld3.cli.main import learning_sets
 def paper_median(name, solver, nfe):
     v = [float(l.split()[4]) for l in open(f"samples/quality_seeds/{name}.txt")
          if l.split()[:3] == [solver, str(nfe), "paper"]]
-    return st.median(v)
+    return st.median(v) if v else float("nan")
 
 def make(E, kind, base):
     if kind == "L2": return base

@@ -77,7 +77,8 @@ def test_readme_plugin_runs_through_the_three_commands(plugin, capsys):
                                "--main_train_batch_size", "2", "--main_valid_batch_size", "6", "--steps", "3",
                                "--solver_name", "ddim", "--order", "1", "--loss_type", "huber", "--training_rounds_v1", "1",
                                "--training_rounds_v2", "1", "--visualize", "false", "--log_path", "logs",
-                               "--fix_bound", "true", "--prior_bound", "0"))  # latents fixed: the check below is exact
+                               "--fix_bound", "true", "--prior_bound", "0",  # latents fixed: the check below is exact
+                               "--fb_robust", "0"))  # the full-batch objective is then the plain mean of the distance
     run = Path(run)
     assert run.name.startswith("ddim-N3-") and "-huber-" in run.name
     result = json.loads((run / "result.json").read_text())

@@ -198,18 +198,17 @@ class FullBatchTrainer:
             return None
         t, tp = self.disc()
         grid = self.student.grid(t, tp, dtype=self.train.latent.dtype, device=self.device)
-        every = torch.zeros(len(self.train), dtype=torch.float64, device=self.device)
-        local = self._local(len(self.train))
-        for i, (sel, c, uc) in zip(range(0, len(local), self.cfg.chunk), self._chunks(self.train)):
-            every[local[i:i + self.cfg.chunk]] = self._distances(self.train, sel, c, uc, grid, "train").double()
-        med = float(torch.from_numpy(self.place.sum_array(every.cpu().numpy())).median())
+        every = torch.zeros(len(self.train), dtype=torch.float64)  # this rank's entries; zeros elsewhere
+        mine = [self._distances(self.train, sel, c, uc, grid, "train") for sel, c, uc in self._chunks(self.train)]
+        every[self._local(len(self.train))] = torch.cat(mine).double().cpu()
+        med = float(torch.from_numpy(self.place.sum_array(every.numpy())).median())
         self._check_finite(med, "the starting distances")
         return self.cfg.robust * med if med > 0 else None
 
     def loss_and_grad(self) -> float:
         """The objective (the mean of ``robust_terms`` of the distances) over the learning samples at the current
-        times; leaves its exact gradient in
-        params1.grad / params2.grad (summed over chunks, and over processes under torchrun)."""
+        times; leaves its exact gradient in params1.grad / params2.grad (summed over chunks, and over processes
+        under torchrun)."""
         disc, n = self.disc, len(self.train)
         disc.params1.grad = disc.params2.grad = None
         total = 0.0
@@ -238,8 +237,8 @@ class FullBatchTrainer:
         sset = self.valid if sset is None else sset
         t, tp = self.disc()
         grid = self.student.grid(t, tp, dtype=sset.latent.dtype, device=self.device)
-        total = sum(float(robust_terms(self._distances(sset, sel, c, uc, grid, "validation"), self.state.scale).sum())
-                    for sel, c, uc in self._chunks(sset))
+        total = sum(float(robust_terms(self._distances(sset, sel, c, uc, grid, "validation"), self.state.scale)
+                          .sum()) for sel, c, uc in self._chunks(sset))
         total = self._sum(total) / len(sset)
         self._check_finite(total, "the validation loss")
         return total

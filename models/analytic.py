@@ -76,18 +76,37 @@ class GMMNoise(nn.Module):
         self.register_buffer("variances", variances.to(torch.float64))  # K x D
 
     def denoise(self, x: Tensor, t: Tensor) -> Tensor:
-        dtype = x.dtype
+        """D(x_t) = E[x_0 | x_t] at a time per sample (or one for the batch), in float64, returned in x's dtype."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-        a = self.schedule.alpha(t).reshape(-1, 1, 1) if t.ndim else self.schedule.alpha(t)
-        s = self.schedule.sigma(t).reshape(-1, 1, 1) if t.ndim else self.schedule.sigma(t)
-        var_t = a**2 * self.variances + s**2  # (B|1) x K x D
+        if t.ndim == 0 or bool((t == t.reshape(-1)[0]).all()):  # one time for the batch (every solver call)
+            d = self._denoise_shared(xf, t.reshape(-1)[0])
+        else:
+            d = self._denoise_each(xf, t)
+        return d.reshape(x.shape).to(x.dtype)
+
+    def _denoise_each(self, xf: Tensor, t: Tensor) -> Tensor:
+        """``denoise`` with a time per sample (B x K x D intermediates)."""
+        a = self.schedule.alpha(t).reshape(-1, 1, 1)
+        s = self.schedule.sigma(t).reshape(-1, 1, 1)
+        var_t = a**2 * self.variances + s**2  # B x K x D
         diff = xf[:, None, :] - a * self.means  # B x K x D
         logp = -0.5 * ((diff**2) / var_t + torch.log(2 * math.pi * var_t)).sum(-1) + self.log_w
         w = torch.softmax(logp, dim=1)  # B x K
         post = self.means + a * self.variances * diff / var_t  # B x K x D
-        d = (w[:, :, None] * post).sum(1)
-        return d.reshape(x.shape).to(dtype)
+        return (w[:, :, None] * post).sum(1)
+
+    def _denoise_shared(self, xf: Tensor, t: Tensor) -> Tensor:
+        """``denoise`` at one time for the whole batch, by matrix products: nothing of size B x K x D is formed.
+        With v_t = alpha^2 var + sigma^2, sum_d (x - alpha mu)^2 / v_t = x^2 . (1/v_t) - 2 alpha x . (mu/v_t)
+        + alpha^2 mu^2 . (1/v_t), and E[x_0 | x_t, k] = sigma^2 mu / v_t + x alpha var / v_t."""
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        inv = 1.0 / (a**2 * self.variances + s**2)  # K x D
+        mu_inv = self.means * inv
+        const = (a**2 * self.means * mu_inv - torch.log(inv / (2 * math.pi))).sum(-1)  # K
+        quad = (xf * xf) @ inv.T - (2 * a) * (xf @ mu_inv.T) + const  # B x K
+        w = torch.softmax(self.log_w - 0.5 * quad, dim=1)
+        return w @ (s**2 * mu_inv) + xf * (w @ (a * self.variances * inv))
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)

@@ -68,6 +68,24 @@ def test_gmm_per_sample_times_equal_single_calls():
     assert torch.allclose(batch, singles, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("schedule_name", SCHEDULE_NAMES + ["flow"])
+def test_gmm_shared_time_products_equal_the_per_sample_form(schedule_name):
+    """One time for the batch goes through matrix products (no B x K x D tensor); the values and the gradient
+    in x equal the per-sample form's, from the smallest time to the largest."""
+    net = digits_gmm_model(schedule_name).net
+    sch = net.schedule
+    for t_value in (sch.t_min, sch.t_min * 3, 0.5 * (sch.t_min + sch.T), sch.T):
+        t = torch.full((7,), t_value, **F64)
+        scale = float(sch.alpha(t[0])) + float(sch.sigma(t[0]))
+        x = (scale * torch.randn(7, 64, generator=torch.Generator().manual_seed(3), **F64)).requires_grad_(True)
+        shared, each = net._denoise_shared(x, t[0]), net._denoise_each(x, t)
+        assert torch.allclose(shared, each, rtol=1e-10, atol=1e-10 * scale)
+        g_shared, = torch.autograd.grad((shared * torch.arange(64.0, **F64)).sum(), x)
+        g_each, = torch.autograd.grad((each * torch.arange(64.0, **F64)).sum(), x)
+        assert torch.allclose(g_shared, g_each, rtol=1e-8, atol=1e-8)
+        assert torch.equal(net.denoise(x, t), shared)  # equal times take the products
+
+
 def test_gmm_float32_input_gives_float32_output():
     model = digits_gmm_model("ve")
     x = torch.randn(2, 1, 8, 8)

@@ -140,3 +140,33 @@ def test_records_from_before_an_option_existed_still_match(data, tmp_path, capsy
     assert Path(gen_data.main(gen_args(root))) == folder
     assert snapshot(root) == before
     check(capsys, gen_data.main, gen_args(root, "--final_denoise"), "final_denoise", root=root)
+
+
+def test_file_digest_caches_only_large_files_and_reads_the_cache_once(tmp_path, monkeypatch):
+    import hashlib
+
+    from ld3 import identity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(identity, "_cache", {})
+    monkeypatch.setattr(identity, "CACHE_MIN_BYTES", 100)
+    monkeypatch.setattr(identity, "CACHE_MAX_ENTRIES", 2)
+    small, large = tmp_path / "small.bin", tmp_path / "large.bin"
+    small.write_bytes(b"x" * 99)
+    large.write_bytes(b"y" * 100)
+    assert identity.file_digest(small) == hashlib.sha256(small.read_bytes()).hexdigest()
+    assert not identity._cache_file().exists()  # small files are hashed, never cached
+    assert identity.file_digest(large) == hashlib.sha256(large.read_bytes()).hexdigest()
+    stored = json.loads(identity._cache_file().read_text())
+    (key, digest), = stored.items()
+    assert key.startswith(str(large.resolve())) and digest == hashlib.sha256(b"y" * 100).hexdigest()
+    # the file is read once per process: a changed file on disk is not seen, the entries held are
+    identity._cache_file().write_text(json.dumps({key: "from the file"}))
+    assert identity.file_digest(large) == digest
+    monkeypatch.setattr(identity, "_cache", {})  # a new process reads the file
+    assert identity.file_digest(large) == "from the file"
+    for i in range(3):  # at most CACHE_MAX_ENTRIES, the oldest dropped
+        (tmp_path / f"big{i}.bin").write_bytes(bytes([i]) * 100)
+        identity.file_digest(tmp_path / f"big{i}.bin")
+    assert [Path(k.split("|")[0]).name for k in json.loads(identity._cache_file().read_text())] == \
+        ["big1.bin", "big2.bin"]

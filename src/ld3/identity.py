@@ -37,12 +37,39 @@ RUN_KEYS = ("solver_name", "steps", "order", "time_mode", "seed", "loss_type", "
             "latent_step", "latent_check", "reload_latents", "window", "order_rng", "arithmetic", "trainer")
 
 
+# Files at least this large (checkpoints) have their digests kept in a cache; smaller ones (teacher files,
+# a few KB each) are hashed again, which is cheaper than reading the cache.
+CACHE_MIN_BYTES = 8 << 20
+CACHE_MAX_ENTRIES = 2000  # the oldest go first
+_cache: dict[str, dict] = {}  # the cache file's entries, read once per process
+
+
 def _cache_file() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ld3" / "sha256.json"
 
 
+def _cached_digests() -> dict:
+    where = str(_cache_file())
+    if where not in _cache:
+        try:
+            entries = json.loads(Path(where).read_text())
+        except (OSError, ValueError):
+            entries = {}
+        _cache[where] = entries if isinstance(entries, dict) else {}
+    return _cache[where]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file (of every file, by relative name, for a folder); cached by path, size and mtime."""
+    """sha256 of a file (of every file, by relative name, for a folder); a large file's is cached by path, size
+    and mtime."""
     path = Path(path).resolve()
     if path.is_dir():
         h = hashlib.sha256()
@@ -50,19 +77,15 @@ def file_digest(path: str | Path) -> str:
             h.update(f"{f.relative_to(path)}\0{file_digest(f)}\n".encode())
         return h.hexdigest()
     st = path.stat()
+    if st.st_size < CACHE_MIN_BYTES:
+        return _sha256(path)
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache: dict = {}
-    try:
-        cache = json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
-        pass
+    cache = _cached_digests()
     if key in cache:
         return cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    cache[key] = h.hexdigest()
+    cache[key] = _sha256(path)
+    for old in list(cache)[:max(0, len(cache) - CACHE_MAX_ENTRIES)]:
+        del cache[old]
     try:
         _cache_file().parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(_cache_file(), json.dumps(cache))

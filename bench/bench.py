@@ -3,7 +3,7 @@
 
     python bench/bench.py            # full: uni_pc and ipndm at NFE 4, 6, 10 (make bench)
     python bench/bench.py --short    # one solver, one NFE (CI)
-    python bench/bench.py --quality  # ours vs --paper_compat, 3 training seeds, both embedded models (~40 min)
+    python bench/bench.py --quality  # ours vs --paper_compat, 3 training seeds, both embedded models (~25 min)
 
 Every figure is measured in this run, side by side, on this machine:
 - main.py with the config's defaults (plots on): wall time of the training, time inside network

@@ -5,7 +5,7 @@
 # (and to their first 200, the set earlier tables used: at 4-10 NFE the per-sample distances are
 # heavy-tailed, so 200 samples rank schedules less surely). Our default trainer (full_batch) draws no
 # random numbers: its three seeds give one schedule, run three times to show it.
-# Prints a Markdown table of medians and writes it to samples/quality_seeds/<config>.md. The mixture: ~10 min.
+# Prints a Markdown table of medians and writes it to samples/quality_seeds/<config>.md. The mixture: ~6 min; the U-Net: ~25 min.
 #
 #   CFG=configs/digits_gmm.yml scripts/quality_seeds.sh
 set -euo pipefail

@@ -22,6 +22,7 @@ raw=$OUT/$name.txt
 if [ -z "${TABLE_ONLY:-}" ]; then  # TABLE_ONLY=1: only the table, from the records of a run made before
 FRESH_N=1000 teacher_pair "$CFG" "$root"
 : > "$raw"
+rm -rf "logs/quality_seeds/$name"  # every run trains and is timed (main.py would skip a finished run of the same options)
 for solver in uni_pc dpm_solver++ ipndm; do for nfe in 4 6 10; do for mode in default paper; do for seed in 0 1 2; do
   flags=(); [ "$mode" = paper ] && flags=(--paper_compat)
   logs=logs/quality_seeds/$name/$mode

@@ -57,6 +57,15 @@ class GaussianNoise(nn.Module):
         return at * mu + torch.sqrt(at**2 * std**2 + st**2) * z
 
 
+def _one_time(t: Tensor) -> bool:
+    """Whether ``t`` holds one time for the whole batch. A scalar, or one expanded (stride 0, as the solvers pass
+    it): decided from the layout, without reading the values (no wait on a GPU). Equal values in separate entries
+    count only without a gradient, since each entry then needs its own."""
+    if t.numel() == 1 or all(st == 0 for st in t.stride()):
+        return True
+    return not t.requires_grad and bool((t == t.reshape(-1)[0]).all())
+
+
 class GMMNoise(nn.Module):
     """Exact noise prediction for a diagonal Gaussian mixture sum_k pi_k N(mu_k, diag(var_k)).
 
@@ -78,11 +87,11 @@ class GMMNoise(nn.Module):
     def denoise(self, x: Tensor, t: Tensor) -> Tensor:
         """D(x_t) = E[x_0 | x_t] at a time per sample (or one for the batch), in float64, returned in x's dtype."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-        if t.ndim == 0 or bool((t == t.reshape(-1)[0]).all()):  # one time for the batch (every solver call)
-            d = self._denoise_shared(xf, t.reshape(-1)[0])
+        t = torch.as_tensor(t, device=x.device)
+        if _one_time(t):
+            d = self._denoise_shared(xf, t.reshape(-1)[0].to(torch.float64))
         else:
-            d = self._denoise_each(xf, t)
+            d = self._denoise_each(xf, t.to(torch.float64))
         return d.reshape(x.shape).to(x.dtype)
 
     def _denoise_each(self, xf: Tensor, t: Tensor) -> Tensor:
@@ -109,8 +118,8 @@ class GMMNoise(nn.Module):
         return w @ (s**2 * mu_inv) + xf * (w @ (a * self.variances * inv))
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
+        d = self.denoise(x, t)  # before t's dtype changes: a copy would lose the expanded (stride 0) layout
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        d = self.denoise(x, t)
         a, s = _bcast(self.schedule.alpha(t), x), _bcast(self.schedule.sigma(t), x)
         return (x - a * d) / s
 

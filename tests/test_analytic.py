@@ -86,6 +86,28 @@ def test_gmm_shared_time_products_equal_the_per_sample_form(schedule_name):
         assert torch.equal(net.denoise(x, t), shared)  # equal times take the products
 
 
+def test_gmm_time_gradient_with_one_time_and_with_a_time_per_sample():
+    """An expanded time (as the solvers pass it) takes the matrix products and its gradient is the sum over the
+    batch; separate equal times with a gradient take the per-sample form, each with its own gradient."""
+    from ld3.models.analytic import _one_time
+
+    net = digits_gmm_model("ve").net
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5), **F64)
+    w = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(6), **F64)
+    t0 = torch.tensor(1.3, **F64, requires_grad=True)
+    each = torch.full((4,), 1.3, **F64, requires_grad=True)
+    assert _one_time(t0.expand(4)) and not _one_time(each) and _one_time(each.detach())
+    g_one, = torch.autograd.grad((net(x, t0.expand(4)) * w).sum(), t0)
+    g_each, = torch.autograd.grad((net(x, each) * w).sum(), each)
+    assert torch.allclose(g_one, g_each.sum(), rtol=1e-10)
+    singles = [torch.autograd.grad((net(x[i:i + 1], t) * w[i:i + 1]).sum(), t)[0]
+               for i in range(4) for t in [torch.tensor(1.3, **F64, requires_grad=True)]]
+    assert torch.allclose(g_each, torch.stack(singles), rtol=1e-10)
+    h = 1e-6  # and the one-time gradient against a central difference
+    fd = ((net(x, torch.tensor(1.3 + h, **F64)) - net(x, torch.tensor(1.3 - h, **F64))) * w).sum() / (2 * h)
+    assert torch.allclose(g_one, fd, rtol=1e-6)
+
+
 def test_gmm_float32_input_gives_float32_output():
     model = digits_gmm_model("ve")
     x = torch.randn(2, 1, 8, 8)

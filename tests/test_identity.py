@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -147,26 +148,40 @@ def test_file_digest_caches_only_large_files_and_reads_the_cache_once(tmp_path, 
 
     from ld3 import identity
 
+    def sha(b: bytes) -> str:
+        return hashlib.sha256(b).hexdigest()
+
+    def stored() -> dict:
+        return json.loads(identity._cache_file().read_text())
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(identity, "_cache", {})
     monkeypatch.setattr(identity, "CACHE_MIN_BYTES", 100)
-    monkeypatch.setattr(identity, "CACHE_MAX_ENTRIES", 2)
     small, large = tmp_path / "small.bin", tmp_path / "large.bin"
     small.write_bytes(b"x" * 99)
     large.write_bytes(b"y" * 100)
-    assert identity.file_digest(small) == hashlib.sha256(small.read_bytes()).hexdigest()
+    assert identity.file_digest(small) == sha(b"x" * 99)
     assert not identity._cache_file().exists()  # small files are hashed, never cached
-    assert identity.file_digest(large) == hashlib.sha256(large.read_bytes()).hexdigest()
-    stored = json.loads(identity._cache_file().read_text())
-    (key, digest), = stored.items()
-    assert key.startswith(str(large.resolve())) and digest == hashlib.sha256(b"y" * 100).hexdigest()
+    assert identity.file_digest(large) == sha(b"y" * 100)
+    (key, digest), = stored().items()
+    assert key.startswith(str(large.resolve())) and digest == sha(b"y" * 100)
     # the file is read once per process: a changed file on disk is not seen, the entries held are
     identity._cache_file().write_text(json.dumps({key: "from the file"}))
     assert identity.file_digest(large) == digest
     monkeypatch.setattr(identity, "_cache", {})  # a new process reads the file
     assert identity.file_digest(large) == "from the file"
+    # the same size, a later mtime: hashed again, not the held entry
+    st = large.stat()
+    large.write_bytes(b"z" * 100)
+    os.utime(large, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert identity.file_digest(large) == sha(b"z" * 100)
+    # entries another process wrote after this one read the file are kept when this one writes
+    identity._cache_file().write_text(json.dumps({**stored(), "elsewhere|1|1": "from another process"}))
+    (tmp_path / "large2.bin").write_bytes(b"w" * 100)
+    assert identity.file_digest(tmp_path / "large2.bin") == sha(b"w" * 100)
+    assert stored()["elsewhere|1|1"] == "from another process" and len(stored()) == 4
+    monkeypatch.setattr(identity, "CACHE_MAX_ENTRIES", 2)
     for i in range(3):  # at most CACHE_MAX_ENTRIES, the oldest dropped
         (tmp_path / f"big{i}.bin").write_bytes(bytes([i]) * 100)
         identity.file_digest(tmp_path / f"big{i}.bin")
-    assert [Path(k.split("|")[0]).name for k in json.loads(identity._cache_file().read_text())] == \
-        ["big1.bin", "big2.bin"]
+    assert [Path(k.split("|")[0]).name for k in stored()] == ["big1.bin", "big2.bin"]

@@ -83,7 +83,13 @@ def file_digest(path: str | Path) -> str:
     cache = _cached_digests()
     if key in cache:
         return cache[key]
-    cache[key] = _sha256(path)
+    digest = _sha256(path)
+    try:  # entries other processes wrote since this one read the file are kept
+        cache.update({k: v for k, v in json.loads(_cache_file().read_text()).items() if k not in cache})
+    except (OSError, ValueError, AttributeError):
+        pass
+    cache.pop(key, None)
+    cache[key] = digest  # the newest last
     for old in list(cache)[:max(0, len(cache) - CACHE_MAX_ENTRIES)]:
         del cache[old]
     try:
@@ -91,7 +97,7 @@ def file_digest(path: str | Path) -> str:
         atomic_write_text(_cache_file(), json.dumps(cache))
     except OSError:
         pass  # read-only home: hash again next time
-    return cache[key]
+    return digest
 
 
 def _tensor_digest(module: torch.nn.Module) -> str:

@@ -84,11 +84,12 @@ class GMMNoise(nn.Module):
         self.register_buffer("means", means.to(torch.float64))  # K x D
         self.register_buffer("variances", variances.to(torch.float64))  # K x D
 
-    def denoise(self, x: Tensor, t: Tensor) -> Tensor:
-        """D(x_t) = E[x_0 | x_t] at a time per sample (or one for the batch), in float64, returned in x's dtype."""
+    def denoise(self, x: Tensor, t: Tensor, one_time: bool | None = None) -> Tensor:
+        """D(x_t) = E[x_0 | x_t] at a time per sample (or one for the batch: ``one_time``, found from t if None),
+        in float64, returned in x's dtype."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         t = torch.as_tensor(t, device=x.device)
-        if _one_time(t):
+        if _one_time(t) if one_time is None else one_time:
             d = self._denoise_shared(xf, t.reshape(-1)[0].to(torch.float64))
         else:
             d = self._denoise_each(xf, t.to(torch.float64))
@@ -118,8 +119,9 @@ class GMMNoise(nn.Module):
         return w @ (s**2 * mu_inv) + xf * (w @ (a * self.variances * inv))
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None, uc: Any = None) -> Tensor:
-        d = self.denoise(x, t)  # before t's dtype changes: a copy would lose the expanded (stride 0) layout
+        one = _one_time(torch.as_tensor(t))  # before the dtype changes: the copy loses an expanded (stride 0) layout
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        d = self.denoise(x, t, one)
         a, s = _bcast(self.schedule.alpha(t), x), _bcast(self.schedule.sigma(t), x)
         return (x - a * d) / s
 

@@ -108,6 +108,15 @@ def test_gmm_time_gradient_with_one_time_and_with_a_time_per_sample():
     assert torch.allclose(g_one, fd, rtol=1e-6)
 
 
+def test_gmm_expanded_time_is_read_in_the_input_dtype():
+    """A float64 time expanded over a float32 batch (as the solvers pass it) is rounded to float32 before the
+    denoiser, exactly as a float32 time vector is: the fast path changes no value."""
+    net = digits_gmm_model("ve").net
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    t64 = torch.tensor(0.123456789012345, **F64)
+    assert torch.equal(net(x, t64.expand(3)), net(x, t64.float().expand(3).clone()))
+
+
 def test_gmm_float32_input_gives_float32_output():
     model = digits_gmm_model("ve")
     x = torch.randn(2, 1, 8, 8)

@@ -43,7 +43,7 @@ from ld3.discretization import LearnedDiscretization, checkpoint_dict
 from ld3.distributed import Place
 from ld3.optim import Adam
 from ld3.timing import Timed
-from ld3.trainer import NumericalError, TrainResult, _selector, conditions
+from ld3.trainer import NumericalError, TrainResult, selector, conditions
 
 log = logging.getLogger("ld3")
 
@@ -176,7 +176,7 @@ class FullBatchTrainer:
         idx = self._local(len(sset))
         for i in range(0, len(idx), self.cfg.chunk):
             part = idx[i:i + self.cfg.chunk]
-            sel = _selector(part)
+            sel = selector(part)
             yield sel, *conditions(sset, part, sel, self.device)
 
     def _distances(self, sset: SampleSet, sel, c: Any, uc: Any, grid, key: str) -> torch.Tensor:

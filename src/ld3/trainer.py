@@ -165,7 +165,7 @@ def _batches(idx: list[int], bs: int) -> list[list[int]]:
     return [idx[i:i + bs] for i in range(0, len(idx), bs)]
 
 
-def _selector(idx: list[int]) -> slice | Tensor:
+def selector(idx: list[int]) -> slice | Tensor:
     """Rows ``idx`` as a slice when they are consecutive (validation batches, batches of one), else
     as an index tensor: a list index is converted to a tensor at every use."""
     if idx == list(range(idx[0], idx[0] + len(idx))):
@@ -254,9 +254,6 @@ class LD3Trainer:
         phases = self.cfg.phases
         return phases[min(self.state.round, len(phases) - 1)] if phases else 1
 
-    def _cond(self, sset: SampleSet, idx: list[int], sel: slice | Tensor) -> tuple[Any, Any]:
-        return conditions(sset, idx, sel, self.device)
-
     def _snapshot(self) -> dict:
         s = self.state
         snap = {"params1": self.disc.params1.detach().clone(), "params2": self.disc.params2.detach().clone()}
@@ -341,14 +338,14 @@ class LD3Trainer:
                 loc = self._local(idx)
                 part = 0.0
                 if loc:
-                    sel = _selector(loc)
-                    c, uc = self._cond(self.valid, loc, sel)
+                    sel = selector(loc)
+                    c, uc = conditions(self.valid, loc, sel, self.device)
                     part = float(self._losses(zv[sel], self.img_valid[sel], c, uc, grid, "validation").sum())
                 part = self._sum(part)
                 total += part / len(idx) if cfg.paper_average else part
             else:
-                sel = _selector(idx)
-                c, uc = self._cond(self.valid, idx, sel)
+                sel = selector(idx)
+                c, uc = conditions(self.valid, idx, sel, self.device)
                 loss = self._losses(zv[sel], self.img_valid[sel], c, uc, grid, "validation")
                 total += float(loss.mean()) if cfg.paper_average else float(loss.sum())
             n += 1 if cfg.paper_average else len(idx)
@@ -405,8 +402,8 @@ class LD3Trainer:
         """One batch: loss, backward, time step, maybe a check, the latent move. Returns its record."""
         s, cfg, disc = self.state, self.cfg, self.disc
         full, idx = idx, self._local(idx)  # under torchrun: this rank's rows of the batch
-        sel = _selector(idx)
-        c, uc = self._cond(self.train, idx, sel)
+        sel = selector(idx)
+        c, uc = conditions(self.train, idx, sel, self.device)
         zp = s.zp_train[sel].clone().requires_grad_(True)
         t, tp = disc()
         grid = self._grid(zp, t, tp)
@@ -464,8 +461,8 @@ class LD3Trainer:
         for full in _batches(list(range(len(self.valid))), bs):
             idx = self._local(full)  # under torchrun: this rank's rows
             if idx:
-                sel = _selector(idx)
-                c, uc = self._cond(self.valid, idx, sel)
+                sel = selector(idx)
+                c, uc = conditions(self.valid, idx, sel, self.device)
                 zp = s.zp_valid[sel].clone().requires_grad_(True)
                 with torch.enable_grad():
                     losses = self._losses(zp, self.img_valid[sel], c, uc, grid, "latent_moves")
